@@ -1,0 +1,489 @@
+"""Typed, documented run parameters: YAML files merged over the defaults of the fidelity mode.
+
+``load_params(path, overrides)`` reads ``fidelity`` first (overrides, then the file chain, else
+"paper"), takes that mode's defaults, then applies the files (``extends:`` bases first) and
+the overrides. Every value is checked; a bad one raises :class:`ParamsError` naming the dotted
+key and where it came from (a file path or "override"). Paths are kept as given, not resolved.
+YAML numbers follow YAML 1.2: ``1e-5`` is a float and ``2:4`` a string (PyYAML's 1.1 default
+would read them as a string and the base-60 integer 124).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .io import atomic_write_text, stable_hash
+
+__all__ = ["ParamsError", "Params", "load_params", "default_params", "describe", "PARAM_DOCS",
+           "REFERENCE_DEFAULTS", "SECTIONS"]
+
+
+def _yaml12(cls: type) -> type:
+    """YAML 1.2 numbers for a PyYAML loader/dumper: ``1e-5`` is a float, ``2:4`` a string (not base 60)."""
+    cls.yaml_implicit_resolvers = {c: [(t, r) for t, r in rs if not t.endswith((":int", ":float"))]
+                                   for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    cls.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
+                              list("-+0123456789"))
+    cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."))
+    return cls
+
+
+@_yaml12
+class _Loader(yaml.SafeLoader):
+    """Safe YAML loader with YAML 1.2 numbers."""
+
+
+@_yaml12
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML dumper that quotes what _Loader would not read back as a string."""
+
+
+def _yaml_load(text: str) -> Any:
+    """Parse YAML text with _Loader."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+class ParamsError(ValueError):
+    """A bad params file or override; the message names the key and its source."""
+
+
+Check = Callable[[Any], "str | None"]
+
+
+def _f(default: Any, doc: str, check: Check | None = None) -> Any:
+    """A dataclass field with a one-line ``doc`` and an optional value ``check``."""
+    meta = {"doc": doc, "check": check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False) -> Check:
+    """Check that a number lies in a (half-)open or closed interval."""
+    if lo is not None and hi is not None:
+        text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    else:
+        text = f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}"
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, (int, float)):
+            return None  # None / "auto" pass through; the type was checked already
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or \
+              (hi is not None and (v >= hi if hi_open else v > hi))
+        return f"must be {text} (got {v!r})" if bad else None
+    return check
+
+
+def _subset(choices: Sequence[str], nonempty: bool = False) -> Check:
+    """Check that a list only holds ``choices``, without repeats."""
+    def check(v: list) -> str | None:
+        bad = [x for x in v if x not in choices]
+        if bad:
+            return f"must only hold {', '.join(map(repr, choices))} (got {bad[0]!r})"
+        if len(set(v)) != len(v):
+            return f"must not repeat entries (got {v!r})"
+        return "must not be empty" if nonempty and not v else None
+    return check
+
+
+def _regex(rx: str, text: str) -> Check:
+    """Check that a string matches ``rx``."""
+    return lambda v: None if re.fullmatch(rx, v) else f"must be {text} (got {v!r})"
+
+
+_NM = r"(\d+):(\d+)"
+
+
+def _pattern(v: str) -> str | None:
+    """Check pruning.pattern: 'unstructured' or 'N:M' with 0 < N < M."""
+    m = re.fullmatch(_NM, v)
+    if v == "unstructured" or (m and 0 < int(m[1]) < int(m[2])):
+        return None
+    return f"must be 'unstructured' or 'N:M' with integers 0 < N < M (got {v!r})"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Which checkpoint to load and how."""
+    name: str = _f("tiny:qwen2_5_vl", "HF model id, local path, or tiny:<family> (random weights, for tests)")
+    family: Literal["auto", "llava_next", "qwen2_vl", "qwen2_5_vl", "mllama"] = _f(
+        "auto", "model family adapter; auto detects it from the model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "dtype the weights are loaded in")
+    device: str = _f("auto", "device: auto, cpu, cuda or cuda:<int>",
+                     _regex(r"auto|cpu|cuda|cuda:\d+", "'auto', 'cpu', 'cuda' or 'cuda:<int>'"))
+    attn_implementation: Literal["eager", "sdpa"] = _f("sdpa", "attention kernel of the language model")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Where the VLGuard data is and how many records each step samples."""
+    vlguard_root: str | None = _f(None, "folder of a VLGuard download (holds train.json); null: synthetic data")
+    train_json: str = _f("train.json", "annotation file, relative to vlguard_root")
+    image_root: str | None = _f(None, "folder the records' image paths are relative to (null: vlguard_root)")
+    n_synthetic: int = _f(48, "number of records of the synthetic VLGuard-shaped set", _range(4))
+    n_ships: int = _f(128, "harmful prompts sampled for the Ships head scores", _range(1))
+    seed_ships: int = _f(114514, "sampling seed of the Ships prompts")
+    n_scores: int = _f(128, "calibration samples per set (safety, utility) for importance scores", _range(1))
+    seed_scores: int = _f(0, "sampling seed of the calibration samples")
+
+
+@dataclass(frozen=True)
+class ShipsParams:
+    """Head-level safety scores (Ships): ablate each head, measure the change."""
+    score: Literal["kl", "subspace", "hidden0_angle"] = _f(
+        "subspace", "head score: kl, subspace (paper) or hidden0_angle (released code)")
+    epsilon: float = _f(1e-5, "factor the ablated head's slices are scaled by", _range(0, lo_open=True))
+    parts: list[str] = _f(["q", "k", "v"], "which projections of the head are ablated",
+                          _subset(["q", "k", "v"], nonempty=True))
+    r_max: int = _f(1, "subspace score: number of top singular vectors compared", _range(1))
+    gqa_slot_bug: bool = _f(False, "under GQA scale output slot g instead of head h (released code's bug)")
+    non_causal: bool = _f(False, "run attention non-causally (as the released code did under SDPA)")
+    batch_heads: Literal["auto"] | int = _f("auto", "heads ablated per batched forward (auto: pick by memory)",
+                                            _range(1))
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the Ships forward passes")
+
+
+@dataclass(frozen=True)
+class ScoresParams:
+    """Importance scores (Wanda/SparseGPT/SNIP) on the dense model."""
+    offload_layers: bool = _f(False, "stream decoder layers from CPU to save accelerator memory")
+    batch_size: int = _f(1, "calibration samples per forward", _range(1))
+
+
+@dataclass(frozen=True)
+class PruningParams:
+    """How the model is pruned."""
+    method: Literal["wanda", "sparsegpt", "snip"] = _f("wanda", "pruning method")
+    sparsity: float = _f(0.5, "fraction of each prunable matrix set to zero", _range(0, 1, hi_open=True))
+    pattern: str = _f("unstructured", "sparsity pattern: unstructured or N:M (N of every M inputs)", _pattern)
+    sequential: bool = _f(True, "calibrate layer i on the outputs of the already pruned layers")
+    blocksize: int = _f(128, "SparseGPT: columns per lazy OBS block", _range(1))
+    percdamp: float = _f(0.01, "SparseGPT: damping, fraction of mean(diag H)", _range(0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class RealignParams:
+    """Neuron-level realignment inside the top Ships heads."""
+    variant: Literal["hsr", "hsr_a", "random_heads"] = _f(
+        "hsr", "hsr, hsr_a (restore whole head regions), random_heads (seeded)")
+    top_h: int = _f(10, "number of top Ships heads realigned", _range(1))
+    p: float = _f(0.5, "utility fraction p: weights in the top p are kept by pruning", _range(0, 1))
+    q: float = _f(0.5, "safety fraction q: candidates are the top q by safety score",
+                  _range(0, 1, lo_open=True))
+    p_max: float = _f(0.7, "candidates lie inside the top p_max by utility score", _range(0, 1))
+    region: Literal["paper", "reference"] = _f("paper", "head region restored: head's own rows/cols or column bands")
+    base_mask: Literal["actual", "rederived"] = _f(
+        "actual", "pruned mask P: the actual mask or re-derived from dense utility scores")
+    seed: int = _f(0, "seed of the random_heads variant")
+    save_model: bool = _f(False, "also save the realigned model's weights")
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """Generation and judging."""
+    max_new_tokens: int = _f(64, "greedy decoding length", _range(1))
+    batch_size: int = _f(8, "prompts per generation batch", _range(1))
+    judges: list[str] = _f(["vlguard"], "refusal judges: vlguard, wei, gcg, llm",
+                           _subset(["vlguard", "wei", "gcg", "llm"]))
+    llm_judge_path: str | None = _f(None, "local path of the LLM judge (required when judges has llm)")
+    benchmarks: list[str] = _f(["vlguard_unsafe", "vlguard_safe_unsafe"], "benchmarks evaluated")
+    data_roots: dict[str, str] = _f({}, "benchmark name -> folder of its data")
+    n_items: int | None = _f(None, "items per benchmark (null: all)", _range(1))
+
+
+SECTIONS: dict[str, type] = {"model": ModelParams, "data": DataParams, "ships": ShipsParams,
+                             "scores": ScoresParams, "pruning": PruningParams,
+                             "realign": RealignParams, "eval": EvalParams}
+TOP_KEYS = ("run_name", "runs_dir", "fidelity", "seed")
+
+
+@dataclass(frozen=True)
+class Params:
+    """All parameters of a run; sections are attributes (``P.pruning.sparsity``)."""
+    run_name: str = _f("tiny", "name of the run directory under runs_dir")
+    runs_dir: str = _f("runs", "folder holding the run directories")
+    fidelity: Literal["paper", "reference"] = _f("paper", "paper (the text) or reference (the released code)")
+    seed: int = _f(0, "global seed")
+    model: ModelParams = field(default_factory=ModelParams)
+    data: DataParams = field(default_factory=DataParams)
+    ships: ShipsParams = field(default_factory=ShipsParams)
+    scores: ScoresParams = field(default_factory=ScoresParams)
+    pruning: PruningParams = field(default_factory=PruningParams)
+    realign: RealignParams = field(default_factory=RealignParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+    source: str | None = field(default=None, compare=False)  # the params file loaded, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of every key (JSON-able; ``source`` left out)."""
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    def get(self, key: str) -> Any:
+        """Value of a dotted key (``"pruning.sparsity"``) or a section (``"pruning"``)."""
+        if key not in _FIELDS and key not in SECTIONS:
+            raise ParamsError(f"get: {_unknown(key)}")
+        obj: Any = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def fingerprint(self, *names: str) -> str:
+        """stable_hash of the named sections/keys (e.g. "pruning", "fidelity"); none named: all."""
+        names = names or tuple(self.to_dict())
+        return stable_hash({n: (asdict(v) if is_dataclass(v) else v)
+                            for n in names for v in [self.get(n)]})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved params as YAML, atomically; ``load_params(path)`` gives them back."""
+        head = f"# Resolved params{' of ' + self.source if self.source else ''} (hsr_lib.params)\n"
+        return atomic_write_text(path, head + yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False,
+                                                        allow_unicode=True))
+
+
+def _registry() -> dict[str, tuple[Any, Any]]:
+    """Every dotted key -> (type hint, dataclass field)."""
+    reg: dict[str, tuple[Any, Any]] = {}
+    hints = get_type_hints(Params)
+    for f in fields(Params):
+        if f.name in TOP_KEYS:
+            reg[f.name] = (hints[f.name], f)
+        elif f.name in SECTIONS:
+            sh = get_type_hints(SECTIONS[f.name])
+            reg.update({f"{f.name}.{g.name}": (sh[g.name], g) for g in fields(SECTIONS[f.name])})
+    return reg
+
+
+_FIELDS = _registry()
+PARAM_DOCS: dict[str, str] = {k: f.metadata["doc"] for k, (_, f) in _FIELDS.items()}
+REFERENCE_DEFAULTS: dict[str, Any] = {"ships.score": "hidden0_angle", "ships.gqa_slot_bug": True,
+                                      "realign.region": "reference", "realign.base_mask": "rederived"}
+
+
+def _default(key: str, fidelity: str) -> Any:
+    """Default of ``key`` in the given fidelity mode."""
+    if key == "fidelity":
+        return fidelity
+    if fidelity == "reference" and key in REFERENCE_DEFAULTS:
+        return REFERENCE_DEFAULTS[key]
+    f = _FIELDS[key][1]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+_PLAIN = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _tname(tp: Any) -> str:
+    """Readable name of a type hint."""
+    o, a = get_origin(tp), get_args(tp)
+    if o is Literal:
+        return repr(a[0]) if len(a) == 1 else "one of " + ", ".join(map(repr, a))
+    if o in (Union, types.UnionType):
+        return " or ".join(_tname(t) for t in a)
+    if o is list:
+        return f"a list of {_PLAIN[a[0]]}s"
+    if o is dict:
+        return f"a mapping of {_PLAIN[a[0]]}s to {_PLAIN[a[1]]}s"
+    return "null" if tp is type(None) else ("an " if tp is int else "a ") + _PLAIN[tp]
+
+
+class _Bad(Exception):
+    """Internal: a value that does not fit its type."""
+
+
+def _coerce(v: Any, tp: Any) -> Any:
+    """``v`` as type ``tp`` (int -> float allowed, bool is not int) or raise _Bad."""
+    o, a = get_origin(tp), get_args(tp)
+    try:
+        if o is Literal:
+            if any(type(v) is type(x) and v == x for x in a):
+                return v
+        elif o in (Union, types.UnionType):
+            for t in a:
+                try:
+                    return _coerce(v, t)
+                except _Bad:
+                    pass
+        elif o is list:
+            if isinstance(v, (list, tuple)):
+                return [_coerce(x, a[0]) for x in v]
+        elif o is dict:
+            if isinstance(v, Mapping):
+                return {_coerce(k, a[0]): _coerce(x, a[1]) for k, x in v.items()}
+        elif tp is float:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+        elif tp is type(None):
+            if v is None:
+                return v
+        elif isinstance(v, tp) and not (tp is int and isinstance(v, bool)):
+            return v
+    except _Bad:
+        pass
+    raise _Bad(f"must be {_tname(tp)} (got {v!r})")
+
+
+def _suggest(key: str) -> str:
+    """' did you mean ...?' for an unknown key, or ''."""
+    last = key.rpartition(".")[2]
+    hits = [k for k in _FIELDS if k.rpartition(".")[2] == last] or difflib.get_close_matches(key, _FIELDS, 1) \
+        or [k for k in _FIELDS if difflib.get_close_matches(last, [k.rpartition(".")[2]], 1, 0.75)][:1]
+    return f"; did you mean {' or '.join(map(repr, hits))}?" if hits else ""
+
+
+def _unknown(key: str) -> str:
+    """Message for a key that is not a parameter."""
+    head, _, rest = key.partition(".")
+    if rest and head not in SECTIONS:
+        hint = difflib.get_close_matches(head, SECTIONS, 1)
+        return f"unknown section {head!r}" + (f"; did you mean {hint[0]!r}?" if hint else
+                                               f"; sections are {', '.join(SECTIONS)}")
+    if key == "extends":
+        return "'extends' is only allowed at the top level of a params file"
+    return f"unknown key {key!r}" + _suggest(key)
+
+
+def _flatten(m: Mapping, src: str, prefix: str = "") -> dict[str, Any]:
+    """Nested and/or dotted mapping -> {dotted key: raw value}; unknown keys raise."""
+    out: dict[str, Any] = {}
+    for k, v in m.items():
+        if not isinstance(k, str):
+            raise ParamsError(f"{src}: {prefix}{k!r}: keys must be strings")
+        key = prefix + k.strip()
+        if key in _FIELDS:
+            out[key] = v
+        elif not prefix and key in SECTIONS:
+            if not isinstance(v, (Mapping, type(None))):
+                raise ParamsError(f"{src}: {key}: a section must be a mapping of keys to values (got {v!r})")
+            out.update(_flatten(v or {}, src, key + "."))
+        else:
+            raise ParamsError(f"{src}: {_unknown(key)}")
+    return out
+
+
+def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """Layers [(source, flat values)] of a params file, its ``extends`` bases first."""
+    src = str(path)
+    try:
+        data = _yaml_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ParamsError(f"{src}: cannot read params file ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{src}: not valid YAML: {e}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ParamsError(f"{src}: a params file must be a mapping of keys to values "
+                          f"(got {type(data).__name__})")
+    base, layers = data.pop("extends", None), []
+    if base is not None:
+        if not isinstance(base, str):
+            raise ParamsError(f"{src}: extends: must be a string path (got {base!r})")
+        bpath = path.parent / base
+        if not bpath.is_file():
+            raise ParamsError(f"{src}: extends: file not found: {bpath}")
+        chain = stack + (path.resolve(),)
+        if bpath.resolve() in chain:
+            raise ParamsError(f"{src}: extends: cycle " + " -> ".join(str(p) for p in chain + (bpath.resolve(),)))
+        layers = _read_chain(bpath, chain)
+    return layers + [(src, _flatten(data, src))]
+
+
+def _parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """"KEY=VALUE" strings (VALUE read as YAML) or a dotted/nested dict -> flat values."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return _flatten(overrides, "override")
+    raw: dict[str, Any] = {}
+    for item in [overrides] if isinstance(overrides, str) else overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ParamsError(f"override: {item!r} is not KEY=VALUE (e.g. pruning.sparsity=0.6)")
+        key, _, text = item.partition("=")
+        try:
+            value = _yaml_load(text)
+        except yaml.YAMLError as e:
+            raise ParamsError(f"override: {key.strip()}: value {text!r} is not valid YAML: {e}") from None
+        plain_str = _FIELDS.get(key.strip(), (None,))[0] is str  # run_name=2024 means the string
+        raw[key.strip()] = text.strip() if plain_str and not isinstance(value, str) and value is not None else value
+    return _flatten(raw, "override")
+
+
+def _checked(key: str, value: Any, src: str) -> Any:
+    """``value`` coerced to ``key``'s type and range-checked, or ParamsError."""
+    tp, f = _FIELDS[key]
+    try:
+        v = _coerce(value, tp)
+    except _Bad as e:
+        raise ParamsError(f"{src}: {key}: {e}") from None
+    msg = f.metadata["check"](v) if f.metadata["check"] and v is not None else None
+    if msg:
+        raise ParamsError(f"{src}: {key}: {msg}")
+    return v
+
+
+def _cross_check(flat: dict[str, Any], origin: dict[str, str]) -> None:
+    """Rules that involve several keys."""
+    def blame(*keys: str) -> str:
+        return next((origin[k] for k in keys if origin[k] != "default"), "default")
+
+    p, p_max = flat["realign.p"], flat["realign.p_max"]
+    if p > p_max:
+        raise ParamsError(f"{blame('realign.p', 'realign.p_max')}: realign.p: must be <= realign.p_max "
+                          f"(got realign.p = {p} from {origin['realign.p']}, "
+                          f"realign.p_max = {p_max} from {origin['realign.p_max']})")
+    m, s = re.fullmatch(_NM, flat["pruning.pattern"]), flat["pruning.sparsity"]
+    if m and abs(s - int(m[1]) / int(m[2])) > 1e-9:
+        raise ParamsError(f"{blame('pruning.pattern', 'pruning.sparsity')}: pruning.sparsity: pruning.pattern "
+                          f"{m[0]!r} needs pruning.sparsity = {int(m[1]) / int(m[2])} (got {s})")
+    if "llm" in flat["eval.judges"] and flat["eval.llm_judge_path"] is None:
+        raise ParamsError(f"{blame('eval.judges', 'eval.llm_judge_path')}: eval.llm_judge_path: "
+                          "required when eval.judges holds 'llm'")
+
+
+def load_params(path: str | Path | None = None,
+                overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Params:
+    """Defaults of the fidelity mode, then the params file chain at ``path``, then ``overrides``."""
+    layers = _read_chain(Path(path)) if path is not None else []
+    layers.append(("override", _parse_overrides(overrides)))
+    fidelity, fsrc = "paper", "default"
+    for src, layer in layers:  # later layers win: overrides, then the leaf file, then its bases
+        if "fidelity" in layer:
+            fidelity, fsrc = layer["fidelity"], src
+    fidelity = _checked("fidelity", fidelity, fsrc)
+    flat = {k: _default(k, fidelity) for k in _FIELDS}
+    origin = dict.fromkeys(_FIELDS, "default")
+    for src, layer in layers:
+        for key, value in layer.items():
+            flat[key], origin[key] = _checked(key, value, src), src
+    _cross_check(flat, origin)
+    secs = {s: cls(**{k.partition(".")[2]: v for k, v in flat.items() if k.partition(".")[0] == s})
+            for s, cls in SECTIONS.items()}
+    return Params(**{k: flat[k] for k in TOP_KEYS}, **secs, source=None if path is None else str(path))
+
+
+def default_params(fidelity: str = "paper") -> Params:
+    """The defaults of a fidelity mode."""
+    return load_params(overrides={"fidelity": fidelity})
+
+
+def describe(params: Params | None = None) -> list[dict[str, Any]]:
+    """One row per key: key, type, default (paper), reference default, doc (+ value of ``params``)."""
+    rows = []
+    for key, (tp, f) in _FIELDS.items():
+        row = {"key": key, "type": _tname(tp), "default": _default(key, "paper"),
+               "reference_default": _default(key, "reference"), "doc": f.metadata["doc"]}
+        if params is not None:
+            row["value"] = params.get(key)
+        rows.append(row)
+    return rows

@@ -126,3 +126,18 @@ def load_from_params(P) -> LoadedModel:
     m = P.model
     return load_model(m.name, family=m.family, dtype=m.dtype, device=m.device,
                       attn_implementation=m.attn_implementation, seed=P.seed)
+
+
+def load_processor_only(name: str, seed: int = 0):
+    """The processor of ``name`` without loading its weights (tiny models are built whole: cheap)."""
+    if name.startswith("tiny:"):
+        from .tiny import build_tiny
+
+        try:
+            return build_tiny(name.removeprefix("tiny:"), seed=seed)[1]
+        except ValueError as err:
+            raise ModelError(f"model.name = {name!r}: {err}") from None
+    try:
+        return load_processor(name)
+    except OSError as err:
+        raise ModelError(f"model.name = {name!r}: cannot load its processor: {err}") from None

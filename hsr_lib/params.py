@@ -22,7 +22,7 @@ import yaml
 
 from .io import atomic_write_text, stable_hash
 
-__all__ = ["ParamsError", "Params", "load_params", "default_params", "describe", "PARAM_DOCS",
+__all__ = ["ParamsError", "Params", "load_params", "describe", "PARAM_DOCS",
            "REFERENCE_DEFAULTS", "SECTIONS"]
 
 
@@ -33,7 +33,8 @@ def _yaml12(cls: type) -> type:
     cls.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
                               list("-+0123456789"))
     cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
         list("-+0123456789."))
     return cls
 
@@ -43,9 +44,14 @@ class _Loader(yaml.SafeLoader):
     """Safe YAML loader with YAML 1.2 numbers."""
 
 
-@_yaml12
 class _Dumper(yaml.SafeDumper):
-    """Safe YAML dumper that quotes what _Loader would not read back as a string."""
+    """Safe YAML dumper that quotes strings YAML 1.1 (yaml.safe_load) or _Loader would read otherwise."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0] and tag == "tag:yaml.org,2002:str" and value:
+            tag = next((t for t, rx in _Loader.yaml_implicit_resolvers.get(value[0], []) if rx.match(value)), tag)
+        return tag
 
 
 def _yaml_load(text: str) -> Any:
@@ -60,46 +66,38 @@ class ParamsError(ValueError):
 Check = Callable[[Any], "str | None"]
 
 
-def _f(default: Any, doc: str, check: Check | None = None) -> Any:
-    """A dataclass field with a one-line ``doc`` and an optional value ``check``."""
+def _f(default: Any, doc: str, check: str | Check | None = None) -> Any:
+    """A dataclass field with a one-line ``doc`` and a check: an interval like "[0, 1)" or a callable."""
+    if isinstance(check, str):
+        check = _interval(check)
     meta = {"doc": doc, "check": check}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-           hi_open: bool = False) -> Check:
-    """Check that a number lies in a (half-)open or closed interval."""
-    if lo is not None and hi is not None:
-        text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    else:
-        text = f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}"
+def _interval(spec: str) -> Check:
+    """Check for numbers in an interval "[lo, hi)" ("inf" for no bound); non-numbers pass."""
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    text = f"in {spec}" if hi != float("inf") else f"{'>' if spec[0] == '(' else '>='} {spec[1:].split(',')[0]}"
 
     def check(v: Any) -> str | None:
-        if not isinstance(v, (int, float)):
-            return None  # None / "auto" pass through; the type was checked already
-        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or \
-              (hi is not None and (v >= hi if hi_open else v > hi))
-        return f"must be {text} (got {v!r})" if bad else None
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return None  # "auto" passes; types were checked before
+        ok = (v > lo if spec[0] == "(" else v >= lo) and (v < hi if spec[-1] == ")" else v <= hi)
+        return None if ok else f"must be {text} (got {v!r})"
     return check
 
 
 def _subset(choices: Sequence[str], nonempty: bool = False) -> Check:
     """Check that a list only holds ``choices``, without repeats."""
     def check(v: list) -> str | None:
-        bad = [x for x in v if x not in choices]
-        if bad:
+        if bad := [x for x in v if x not in choices]:
             return f"must only hold {', '.join(map(repr, choices))} (got {bad[0]!r})"
         if len(set(v)) != len(v):
             return f"must not repeat entries (got {v!r})"
         return "must not be empty" if nonempty and not v else None
     return check
-
-
-def _regex(rx: str, text: str) -> Check:
-    """Check that a string matches ``rx``."""
-    return lambda v: None if re.fullmatch(rx, v) else f"must be {text} (got {v!r})"
 
 
 _NM = r"(\d+):(\d+)"
@@ -108,20 +106,23 @@ _NM = r"(\d+):(\d+)"
 def _pattern(v: str) -> str | None:
     """Check pruning.pattern: 'unstructured' or 'N:M' with 0 < N < M."""
     m = re.fullmatch(_NM, v)
-    if v == "unstructured" or (m and 0 < int(m[1]) < int(m[2])):
-        return None
-    return f"must be 'unstructured' or 'N:M' with integers 0 < N < M (got {v!r})"
+    ok = v == "unstructured" or (m and 0 < int(m[1]) < int(m[2]))
+    return None if ok else f"must be 'unstructured' or 'N:M' with integers 0 < N < M (got {v!r})"
+
+
+def _device(v: str) -> str | None:
+    """Check model.device."""
+    ok = re.fullmatch(r"auto|cpu|cuda|cuda:\d+", v)
+    return None if ok else f"must be 'auto', 'cpu', 'cuda' or 'cuda:<int>' (got {v!r})"
 
 
 @dataclass(frozen=True)
 class ModelParams:
     """Which checkpoint to load and how."""
     name: str = _f("tiny:qwen2_5_vl", "HF model id, local path, or tiny:<family> (random weights, for tests)")
-    family: Literal["auto", "llava_next", "qwen2_vl", "qwen2_5_vl", "mllama"] = _f(
-        "auto", "model family adapter; auto detects it from the model")
+    family: Literal["auto", "llava_next", "qwen2_vl", "qwen2_5_vl", "mllama"] = _f("auto", "adapter (auto: detect)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "dtype the weights are loaded in")
-    device: str = _f("auto", "device: auto, cpu, cuda or cuda:<int>",
-                     _regex(r"auto|cpu|cuda|cuda:\d+", "'auto', 'cpu', 'cuda' or 'cuda:<int>'"))
+    device: str = _f("auto", "device: auto, cpu, cuda or cuda:<int>", _device)
     attn_implementation: Literal["eager", "sdpa"] = _f("sdpa", "attention kernel of the language model")
 
 
@@ -131,26 +132,23 @@ class DataParams:
     vlguard_root: str | None = _f(None, "folder of a VLGuard download (holds train.json); null: synthetic data")
     train_json: str = _f("train.json", "annotation file, relative to vlguard_root")
     image_root: str | None = _f(None, "folder the records' image paths are relative to (null: vlguard_root)")
-    n_synthetic: int = _f(48, "number of records of the synthetic VLGuard-shaped set", _range(4))
-    n_ships: int = _f(128, "harmful prompts sampled for the Ships head scores", _range(1))
+    n_synthetic: int = _f(48, "records of the synthetic VLGuard-shaped set", "[4, inf)")
+    n_ships: int = _f(128, "harmful prompts sampled for the Ships head scores", "[1, inf)")
     seed_ships: int = _f(114514, "sampling seed of the Ships prompts")
-    n_scores: int = _f(128, "calibration samples per set (safety, utility) for importance scores", _range(1))
+    n_scores: int = _f(128, "calibration samples per set (safety, utility) for importance scores", "[1, inf)")
     seed_scores: int = _f(0, "sampling seed of the calibration samples")
 
 
 @dataclass(frozen=True)
 class ShipsParams:
     """Head-level safety scores (Ships): ablate each head, measure the change."""
-    score: Literal["kl", "subspace", "hidden0_angle"] = _f(
-        "subspace", "head score: kl, subspace (paper) or hidden0_angle (released code)")
-    epsilon: float = _f(1e-5, "factor the ablated head's slices are scaled by", _range(0, lo_open=True))
-    parts: list[str] = _f(["q", "k", "v"], "which projections of the head are ablated",
-                          _subset(["q", "k", "v"], nonempty=True))
-    r_max: int = _f(1, "subspace score: number of top singular vectors compared", _range(1))
+    score: Literal["kl", "subspace", "hidden0_angle"] = _f("subspace", "head score (hidden0_angle: released code)")
+    epsilon: float = _f(1e-5, "factor the ablated head's slices are scaled by", "(0, inf)")
+    parts: list[str] = _f(["q", "k", "v"], "projections of the head that are ablated", _subset(["q", "k", "v"], True))
+    r_max: int = _f(1, "subspace score: number of top singular vectors compared", "[1, inf)")
     gqa_slot_bug: bool = _f(False, "under GQA scale output slot g instead of head h (released code's bug)")
     non_causal: bool = _f(False, "run attention non-causally (as the released code did under SDPA)")
-    batch_heads: Literal["auto"] | int = _f("auto", "heads ablated per batched forward (auto: pick by memory)",
-                                            _range(1))
+    batch_heads: Literal["auto"] | int = _f("auto", "heads ablated per batched forward (auto: by memory)", "[1, inf)")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the Ships forward passes")
 
 
@@ -158,33 +156,30 @@ class ShipsParams:
 class ScoresParams:
     """Importance scores (Wanda/SparseGPT/SNIP) on the dense model."""
     offload_layers: bool = _f(False, "stream decoder layers from CPU to save accelerator memory")
-    batch_size: int = _f(1, "calibration samples per forward", _range(1))
+    batch_size: int = _f(1, "calibration samples per forward", "[1, inf)")
 
 
 @dataclass(frozen=True)
 class PruningParams:
     """How the model is pruned."""
     method: Literal["wanda", "sparsegpt", "snip"] = _f("wanda", "pruning method")
-    sparsity: float = _f(0.5, "fraction of each prunable matrix set to zero", _range(0, 1, hi_open=True))
-    pattern: str = _f("unstructured", "sparsity pattern: unstructured or N:M (N of every M inputs)", _pattern)
+    sparsity: float = _f(0.5, "fraction of each prunable matrix set to zero", "[0, 1)")
+    pattern: str = _f("unstructured", "unstructured, or N:M (N of every M inputs zeroed)", _pattern)
     sequential: bool = _f(True, "calibrate layer i on the outputs of the already pruned layers")
-    blocksize: int = _f(128, "SparseGPT: columns per lazy OBS block", _range(1))
-    percdamp: float = _f(0.01, "SparseGPT: damping, fraction of mean(diag H)", _range(0, lo_open=True))
+    blocksize: int = _f(128, "SparseGPT: columns per lazy OBS block", "[1, inf)")
+    percdamp: float = _f(0.01, "SparseGPT: damping, fraction of mean(diag H)", "(0, inf)")
 
 
 @dataclass(frozen=True)
 class RealignParams:
     """Neuron-level realignment inside the top Ships heads."""
-    variant: Literal["hsr", "hsr_a", "random_heads"] = _f(
-        "hsr", "hsr, hsr_a (restore whole head regions), random_heads (seeded)")
-    top_h: int = _f(10, "number of top Ships heads realigned", _range(1))
-    p: float = _f(0.5, "utility fraction p: weights in the top p are kept by pruning", _range(0, 1))
-    q: float = _f(0.5, "safety fraction q: candidates are the top q by safety score",
-                  _range(0, 1, lo_open=True))
-    p_max: float = _f(0.7, "candidates lie inside the top p_max by utility score", _range(0, 1))
-    region: Literal["paper", "reference"] = _f("paper", "head region restored: head's own rows/cols or column bands")
-    base_mask: Literal["actual", "rederived"] = _f(
-        "actual", "pruned mask P: the actual mask or re-derived from dense utility scores")
+    variant: Literal["hsr", "hsr_a", "random_heads"] = _f("hsr", "hsr, hsr_a (whole head regions) or random_heads")
+    top_h: int = _f(10, "number of top Ships heads realigned", "[1, inf)")
+    p: float = _f(0.5, "utility fraction p: the top p by utility score are kept by pruning", "[0, 1]")
+    q: float = _f(0.5, "safety fraction q: candidates are the top q by safety score", "(0, 1]")
+    p_max: float = _f(0.7, "candidates lie inside the top p_max by utility score (p <= p_max)", "[0, 1]")
+    region: Literal["paper", "reference"] = _f("paper", "head region: its own rows/columns, or input-column bands")
+    base_mask: Literal["actual", "rederived"] = _f("actual", "pruned mask P: actual, or re-derived from utility scores")
     seed: int = _f(0, "seed of the random_heads variant")
     save_model: bool = _f(False, "also save the realigned model's weights")
 
@@ -192,19 +187,18 @@ class RealignParams:
 @dataclass(frozen=True)
 class EvalParams:
     """Generation and judging."""
-    max_new_tokens: int = _f(64, "greedy decoding length", _range(1))
-    batch_size: int = _f(8, "prompts per generation batch", _range(1))
-    judges: list[str] = _f(["vlguard"], "refusal judges: vlguard, wei, gcg, llm",
+    max_new_tokens: int = _f(64, "greedy decoding length", "[1, inf)")
+    batch_size: int = _f(8, "prompts per generation batch", "[1, inf)")
+    judges: list[str] = _f(["vlguard"], "refusal judges: vlguard, wei, gcg (keywords), llm",
                            _subset(["vlguard", "wei", "gcg", "llm"]))
-    llm_judge_path: str | None = _f(None, "local path of the LLM judge (required when judges has llm)")
+    llm_judge_path: str | None = _f(None, "local path of the LLM judge (required when judges holds llm)")
     benchmarks: list[str] = _f(["vlguard_unsafe", "vlguard_safe_unsafe"], "benchmarks evaluated")
     data_roots: dict[str, str] = _f({}, "benchmark name -> folder of its data")
-    n_items: int | None = _f(None, "items per benchmark (null: all)", _range(1))
+    n_items: int | None = _f(None, "items per benchmark (null: all)", "[1, inf)")
 
 
-SECTIONS: dict[str, type] = {"model": ModelParams, "data": DataParams, "ships": ShipsParams,
-                             "scores": ScoresParams, "pruning": PruningParams,
-                             "realign": RealignParams, "eval": EvalParams}
+SECTIONS: dict[str, type] = {"model": ModelParams, "data": DataParams, "ships": ShipsParams, "scores": ScoresParams,
+                             "pruning": PruningParams, "realign": RealignParams, "eval": EvalParams}
 TOP_KEYS = ("run_name", "runs_dir", "fidelity", "seed")
 
 
@@ -226,9 +220,7 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of every key (JSON-able; ``source`` left out)."""
-        d = asdict(self)
-        d.pop("source")
-        return d
+        return {k: v for k, v in asdict(self).items() if k != "source"}
 
     def get(self, key: str) -> Any:
         """Value of a dotted key (``"pruning.sparsity"``) or a section (``"pruning"``)."""
@@ -303,34 +295,24 @@ class _Bad(Exception):
 
 
 def _coerce(v: Any, tp: Any) -> Any:
-    """``v`` as type ``tp`` (int -> float allowed, bool is not int) or raise _Bad."""
+    """``v`` as type ``tp`` (int -> float allowed, bool is not int, str is not list) or raise _Bad."""
     o, a = get_origin(tp), get_args(tp)
+    if o is Literal and any(type(v) is type(x) and v == x for x in a):
+        return v
+    for t in a if o in (Union, types.UnionType) else ():
+        try:
+            return _coerce(v, t)
+        except _Bad:
+            pass
     try:
-        if o is Literal:
-            if any(type(v) is type(x) and v == x for x in a):
-                return v
-        elif o in (Union, types.UnionType):
-            for t in a:
-                try:
-                    return _coerce(v, t)
-                except _Bad:
-                    pass
-        elif o is list:
-            if isinstance(v, (list, tuple)):
-                return [_coerce(x, a[0]) for x in v]
-        elif o is dict:
-            if isinstance(v, Mapping):
-                return {_coerce(k, a[0]): _coerce(x, a[1]) for k, x in v.items()}
-        elif tp is float:
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                return float(v)
-        elif tp is type(None):
-            if v is None:
-                return v
-        elif isinstance(v, tp) and not (tp is int and isinstance(v, bool)):
-            return v
+        if o is list and isinstance(v, (list, tuple)):
+            return [_coerce(x, a[0]) for x in v]
+        if o is dict and isinstance(v, Mapping):
+            return {_coerce(k, a[0]): _coerce(x, a[1]) for k, x in v.items()}
     except _Bad:
         pass
+    if o is None and isinstance(v, (float, int) if tp is float else tp) and (tp is bool or not isinstance(v, bool)):
+        return float(v) if tp is float else v
     raise _Bad(f"must be {_tname(tp)} (got {v!r})")
 
 
@@ -342,13 +324,13 @@ def _suggest(key: str) -> str:
     return f"; did you mean {' or '.join(map(repr, hits))}?" if hits else ""
 
 
-def _unknown(key: str) -> str:
-    """Message for a key that is not a parameter."""
+def _unknown(key: str, section: bool = False) -> str:
+    """Message for a key that is not a parameter (``section``: its value is a mapping)."""
     head, _, rest = key.partition(".")
-    if rest and head not in SECTIONS:
+    if (rest or section) and head not in SECTIONS:
         hint = difflib.get_close_matches(head, SECTIONS, 1)
-        return f"unknown section {head!r}" + (f"; did you mean {hint[0]!r}?" if hint else
-                                               f"; sections are {', '.join(SECTIONS)}")
+        more = f"; did you mean {hint[0]!r}?" if hint else _suggest(head) or f"; sections are {', '.join(SECTIONS)}"
+        return f"unknown section {head!r}{more}"
     if key == "extends":
         return "'extends' is only allowed at the top level of a params file"
     return f"unknown key {key!r}" + _suggest(key)
@@ -368,7 +350,7 @@ def _flatten(m: Mapping, src: str, prefix: str = "") -> dict[str, Any]:
                 raise ParamsError(f"{src}: {key}: a section must be a mapping of keys to values (got {v!r})")
             out.update(_flatten(v or {}, src, key + "."))
         else:
-            raise ParamsError(f"{src}: {_unknown(key)}")
+            raise ParamsError(f"{src}: {_unknown(key, not prefix and isinstance(v, Mapping))}")
     return out
 
 
@@ -470,11 +452,6 @@ def load_params(path: str | Path | None = None,
     secs = {s: cls(**{k.partition(".")[2]: v for k, v in flat.items() if k.partition(".")[0] == s})
             for s, cls in SECTIONS.items()}
     return Params(**{k: flat[k] for k in TOP_KEYS}, **secs, source=None if path is None else str(path))
-
-
-def default_params(fidelity: str = "paper") -> Params:
-    """The defaults of a fidelity mode."""
-    return load_params(overrides={"fidelity": fidelity})
 
 
 def describe(params: Params | None = None) -> list[dict[str, Any]]:

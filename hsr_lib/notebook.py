@@ -1,0 +1,63 @@
+"""What every notebook calls: start a run from its parameters, and record values that tests
+and the runner read back from the executed notebook."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .params import load_params
+from .runs import Run
+
+RECORD_MIME = "application/vnd.hsr.record+json"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(params_path: str | None, overrides: dict | list | None = None) -> Run:
+    """Load the params (path relative to the project root when run from ``notebooks/``), open
+    the run directory and print where it is."""
+    if Path.cwd().name == "notebooks" and (Path.cwd().parent / "hsr_lib").is_dir():
+        os.chdir(Path.cwd().parent)  # relative paths in params files are relative to the project root
+    P = load_params(params_path, overrides or None)
+    run = Run.open(P)
+    print(f"run      {run.dir}\nmodel    {P.model.name}\nfidelity {P.fidelity}")
+    return run
+
+
+def _jsonable(value: Any) -> Any:
+    """Numbers, strings, lists and dicts as plain JSON (numpy/torch scalars and arrays too)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def record(name: str, value: Any) -> None:
+    """Show ``name = value`` and store it in the notebook's output for :func:`read_records`."""
+    from IPython.display import display
+
+    value = _jsonable(value)
+    json.dumps(value)  # fail here, not when the notebook is saved
+    display({RECORD_MIME: {"name": name, "value": value}, "text/plain": f"{name} = {value!r}"}, raw=True)
+
+
+def read_records(notebook: str | os.PathLike) -> dict[str, Any]:
+    """Every value an executed notebook recorded, by name (a later record wins)."""
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    out: dict[str, Any] = {}
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            rec = o.get("data", {}).get(RECORD_MIME)
+            if rec is not None:
+                out[rec["name"]] = rec["value"]
+    return out

@@ -27,11 +27,14 @@ def conversation_text(processor, question: str, response: str, adapter: FamilyAd
 
 
 def encode(processor, texts: list[str], images: list, device: torch.device | str = "cpu") -> Any:
-    """Tokenize texts with their images (one image each), left-padded, as tensors on ``device``."""
+    """Tokenize texts with their images (one image each), left-padded, as tensors on ``device``.
+
+    Images go in as one list per text, the form every supported processor accepts (Mllama's
+    requires it)."""
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     try:
-        enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        enc = processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True)
     finally:
         tok.padding_side = side
     return enc.to(device)

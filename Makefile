@@ -1,0 +1,34 @@
+# Two commands do everything (see README.md):
+#   make tiny   install into .venv (when needed) and run the whole pipeline on params/tiny.yaml
+#   make test   install into .venv (when needed) and run the test suite
+# Any Python >= 3.10 works; set PYTHON=python3.11 to choose one.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned for local installs (a CPU wheel where one is available); never torchvision.
+TORCH  ?= torch==2.13.0
+PARAMS ?= params/tiny.yaml
+STAMP  := $(VENV)/.hsr-installed
+
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install tiny test clean-runs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "hsr needs Python >= 3.10, found " + sys.version.split()[0])'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	@touch $(STAMP)
+
+tiny: install
+	$(BIN)/hsr run $(PARAMS)
+
+test: install
+	$(BIN)/python -m pytest
+
+clean-runs:
+	rm -rf runs

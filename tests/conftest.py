@@ -1,0 +1,52 @@
+"""Shared fixtures: offline mode, tiny models built once per session, a small synthetic VLGuard."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """``tiny(name)`` → ``(model, processor)``, built once per session per name (seed 0).
+
+    Tests must not modify the returned model or processor; build a fresh one when they need to.
+    """
+    from hsr_lib.tiny import build_tiny
+
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = build_tiny(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def two_images():
+    """Two different RGB images of the same non-square size."""
+    a = Image.new("RGB", (40, 56), (200, 30, 30))
+    b = Image.new("RGB", (40, 56), (30, 30, 200))
+    for x in range(0, 40, 4):
+        for y in range(0, 56, 8):
+            b.putpixel((x, y), (250, 250, 250))
+    return a, b
+
+
+@pytest.fixture(scope="session")
+def synthetic_vlguard(tmp_path_factory):
+    """A synthetic VLGuard set of 8 records: ``(train_json, image_root, splits)``."""
+    from hsr_lib.data import load_records, split_records
+    from hsr_lib.synthetic import make_synthetic_vlguard
+
+    root = tmp_path_factory.mktemp("vlguard8")
+    tj = make_synthetic_vlguard(root, n_records=8, seed=0)
+    splits = split_records(load_records(tj), root, source=tj)
+    return tj, root, splits

@@ -15,7 +15,8 @@ from hsr_lib.io import read_json
 from hsr_lib.notebook import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
-HSR = [sys.executable, "-m", "hsr_lib.cli"]
+_SCRIPT = Path(sys.executable).parent / "hsr"  # the console script the README uses
+HSR = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "hsr_lib.cli"]
 TINY = str(ROOT / "params" / "tiny.yaml")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

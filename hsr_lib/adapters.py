@@ -4,7 +4,9 @@ prunable linears and the chat conventions. Everything family-specific lives here
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 
 ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -113,6 +115,11 @@ class FamilyAdapter:
             out[name] = mod
         return out
 
+    def expand_layer_kwargs(self, kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+        """Decoder-layer keyword arguments recorded for one input, made fit for ``batch`` copies
+        of it (batch-1 tensors are broadcast along dim 0)."""
+        return {k: _broadcast(v, batch) for k, v in kwargs.items()}
+
     def user_content(self, question: str) -> list[dict]:
         """User turn: the image, then the question (DESIGN §4)."""
         return [{"type": "image"}, {"type": "text", "text": question}]
@@ -149,6 +156,24 @@ class MllamaAdapter(FamilyAdapter):
 
     def cross_layers(self, config) -> tuple[int, ...]:
         return tuple(self.text_config(config).cross_attention_layers or ())
+
+    def expand_layer_kwargs(self, kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+        """Mllama's cross-attention states are flattened as [batch · images · tiles, patches, D]:
+        tile them whole instead of broadcasting."""
+        out = super().expand_layer_kwargs(kwargs, batch)
+        states = kwargs.get("cross_attention_states")
+        if states is not None and batch > 1:
+            out["cross_attention_states"] = states.repeat(batch, *([1] * (states.dim() - 1)))
+        return out
+
+
+def _broadcast(value: Any, batch: int) -> Any:
+    """Expand batch-1 tensors (and tuples of them) along dim 0 to ``batch`` rows, without copying."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1 and batch > 1:
+        return value.expand(batch, *value.shape[1:])
+    if isinstance(value, tuple):
+        return tuple(_broadcast(v, batch) for v in value)
+    return value
 
 
 ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .notebook import PROJECT_ROOT, read_records
 from .params import ParamsError, load_params
+from .progress import TEXT_ENV
 from .runs import Run
 
 NOTEBOOK = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
@@ -39,6 +41,7 @@ def run_pipeline(params_path: str, overrides: list[str], first: str | None = Non
               f"between {first or '00'} and {last or '99'}", file=sys.stderr)
         return 2
     print(f"hsr: run {run.dir} ({P.model.name}, fidelity {P.fidelity}), {len(todo)} notebook(s)")
+    os.environ[TEXT_ENV] = "1"  # kernels inherit it: text progress bars in the executed copies
     out_dir = run.dir / "notebooks"
     out_dir.mkdir(exist_ok=True)
     total = time.perf_counter()

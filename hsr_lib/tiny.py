@@ -80,6 +80,22 @@ _SPECIALS = {
 }
 
 
+def _byte_of() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable stand-in character → the byte it encodes."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_OF = _byte_of()
+
+
 def make_tokenizer(style: str) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 byte tokens, no merges, the style's special tokens) built in code."""
     spec = _SPECIALS[style]
@@ -225,3 +241,8 @@ def _wake_up(model) -> None:
             p.fill_(1.0)
         elif p.dim() == 2 and ("language_model" in name or name.startswith("lm_head")) and "embed" not in name:
             p.normal_(0.0, 1.0 / p.shape[1] ** 0.5, generator=g)
+    # generations in readable gibberish: byte tokens outside printable ASCII get logit 0 while
+    # printable ones get random logits of both signs, so greedy decoding picks printable ones
+    unprintable = [i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))
+                   if not (32 <= _BYTE_OF[c] < 127)]
+    model.lm_head.weight[unprintable] = 0.0

@@ -50,3 +50,21 @@ def synthetic_vlguard(tmp_path_factory):
     tj = make_synthetic_vlguard(root, n_records=8, seed=0)
     splits = split_records(load_records(tj), root, source=tj)
     return tj, root, splits
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``hsr run params/tiny.yaml`` end to end (every notebook), as the README says, into a
+    temporary runs_dir, once per session: ``(run_dir, completed_process)``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = Path(sys.executable).parent / "hsr"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "hsr_lib.cli"]
+    runs = tmp_path_factory.mktemp("runs")
+    proc = subprocess.run([*cmd, "run", "params/tiny.yaml", "-p", f"runs_dir={runs}"], cwd=root,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return runs / "tiny", proc

@@ -25,15 +25,6 @@ def hsr(*args, cwd=ROOT):
     return subprocess.run([*HSR, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`hsr run params/tiny.yaml` end to end, as the README says, into a temporary runs_dir."""
-    runs = tmp_path_factory.mktemp("runs")
-    proc = hsr("run", "params/tiny.yaml", "-p", f"runs_dir={runs}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return runs / "tiny", proc
-
-
 def test_tiny_run_records_match_the_data(tiny_run):
     run_dir, _ = tiny_run
     rec = read_records(run_dir / "notebooks" / "01_data.ipynb")

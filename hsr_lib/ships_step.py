@@ -69,11 +69,11 @@ def _resumable(layer_dir: Path, fingerprint: str) -> dict[int, LayerScores]:
 def run_ships(run: Run, progress: bool = True) -> ShipsResult:
     """Compute (or reuse) the Ships scores of ``run``."""
     P = run.params
-    prepare_data(run)
+    sets = prepare_data(run)  # cached; its fingerprint feeds this step's
     if run.is_done("ships"):
         return load_ships(run)
     fp = run.fingerprint("ships")
-    samples = prepare_data(run).load("ships_safety")
+    samples = sets.load("ships_safety")
     lm = load_model(P.model.name, P.model.family, P.ships.dtype, P.model.device, P.model.attn_implementation,
                     seed=P.seed)
     prompts = [encode_prompt(lm.processor, s, lm.adapter, lm.device) for s in samples]
@@ -124,6 +124,8 @@ def authors_scores(name: str) -> dict[str, float]:
 
 def ablated_answers(lm, samples, heads: list[Head], cfg: AblationConfig, max_new_tokens: int = 32) -> list[dict]:
     """Greedy answers to ``samples`` by the model as is and with all of ``heads`` ablated at once."""
+    from contextlib import nullcontext
+
     import torch
 
     from .ablation import ablate
@@ -134,14 +136,9 @@ def ablated_answers(lm, samples, heads: list[Head], cfg: AblationConfig, max_new
         n = enc["input_ids"].shape[1]
         answers = {}
         for label, ctx in (("dense", None), ("heads ablated", heads)):
-            with torch.no_grad(), (ablate(lm, [ctx], cfg.epsilon, cfg.parts, cfg.gqa_slot_bug) if ctx else _null()):
+            with torch.no_grad(), (ablate(lm, [ctx], cfg.epsilon, cfg.parts, cfg.gqa_slot_bug) if ctx else nullcontext()):
                 out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
             answers[label] = lm.processor.tokenizer.decode(out[0, n:], skip_special_tokens=True).strip()
         rows.append({"id": s.id, "question": s.question, **answers})
     return rows
 
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()

@@ -167,7 +167,7 @@ def _llava_next(style: str, t: TinyText, tok):
     return config, proc
 
 
-def _qwen(arch: str, t: TinyText, tok):
+def _qwen(arch: str, t: TinyText, tok, vision_overrides: dict | None = None, max_pixels: int = 28 * 28 * 16):
     from transformers import Qwen2VLImageProcessorPil
 
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in dict(
@@ -175,7 +175,7 @@ def _qwen(arch: str, t: TinyText, tok):
         vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>").items()}
     text = dict(**t.llama_kwargs(len(tok)), bos_token_id=None, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(t.head_dim)})
     if arch == "qwen2_vl":
         from transformers import Qwen2VLConfig as Config, Qwen2VLProcessor as Processor
 
@@ -185,8 +185,9 @@ def _qwen(arch: str, t: TinyText, tok):
 
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=t.hidden,
                       fullatt_block_indexes=[1], window_size=56)
+    vision.update(vision_overrides or {})
     config = Config(text_config=text, vision_config=vision, **ids)
-    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=max_pixels)
     proc = image_only_processor(Processor)(ip, tok, chat_template=tok.chat_template)
     return config, proc
 
@@ -207,19 +208,34 @@ def _mllama(t: TinyText, tok):
     return config, proc
 
 
-def build_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Build ``(model, processor)`` for ``tiny:<name>`` with random weights drawn from ``seed``."""
+def _mrope_section(head_dim: int) -> list[int]:
+    """Qwen's M-RoPE split (temporal, height, width) of head_dim/2 rotary pairs, 2:3:3 like [16, 24, 24]."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def build_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, text: TinyText | None = None,
+               vision: dict | None = None, max_pixels: int | None = None):
+    """Build ``(model, processor)`` for ``tiny:<name>`` with random weights drawn from ``seed``.
+
+    ``text`` replaces the toy text sizes, and (Qwen families) ``vision`` updates the vision
+    config and ``max_pixels`` the image size: benchmarks build bigger random models this way."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model 'tiny:{name}'; choose one of: "
                          + ", ".join(f"tiny:{k}" for k in TINY_MODELS))
     arch, style, sizes = TINY_MODELS[name]
+    sizes = text or sizes
+    if (vision or max_pixels) and arch not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"vision / max_pixels overrides are only supported for the Qwen families, not {name}")
     tok = make_tokenizer(style)
     if arch == "llava_next":
         config, proc = _llava_next(style, sizes, tok)
     elif arch == "mllama":
         config, proc = _mllama(sizes, tok)
     else:
-        config, proc = _qwen(arch, sizes, tok)
+        config, proc = _qwen(arch, sizes, tok, vision, max_pixels or 28 * 28 * 16)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     _wake_up(model)

@@ -259,3 +259,35 @@ def test_non_causal_changes_scores_and_needs_sdpa(lms, prompts):
     assert a["kl"] != b["kl"]
     with pytest.raises(ValueError, match="sdpa"):
         ships_engine(lms("llava_next_vicuna", "eager"), enc, AblationConfig(non_causal=True), progress=False)
+
+
+def test_step_resumes_from_matching_layers_only(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from hsr_lib import ships_step
+    from hsr_lib.io import read_json, atomic_write_json
+    from hsr_lib.params import load_params
+    from hsr_lib.runs import Run
+
+    tiny = Path(__file__).resolve().parent.parent / "params" / "tiny.yaml"
+    P = load_params(tiny, [f"runs_dir={tmp_path}", "data.n_ships=2", "model.name=tiny:qwen2_vl"])
+    first = ships_step.run_ships(Run.open(P), progress=False)
+    d = first.dir
+    # simulate a run killed after layer 1, with a leftover layer 0 from other params
+    (d / "_step.json").unlink()
+    for layer in (2, 3):
+        (d / "layers" / f"layer_{layer:03d}.json").unlink()
+    stale = read_json(d / "layers" / "layer_000.json")
+    atomic_write_json(d / "layers" / "layer_000.json", {**stale, "fingerprint": "other-params"})
+    seen = {}
+    real = ships_step.ships_engine
+
+    def spy(lm, prompts, cfg, batch, done, on_layer, progress):
+        seen["done"] = sorted(done)
+        return real(lm, prompts, cfg, batch, done, on_layer, progress)
+
+    monkeypatch.setattr(ships_step, "ships_engine", spy)
+    again = ships_step.run_ships(Run.open(P), progress=False)
+    assert seen["done"] == [1]
+    assert again.scores == pytest.approx(first.scores, rel=1e-9)
+    assert read_json(d / "layers" / "layer_000.json")["fingerprint"] != "other-params"

@@ -1,0 +1,120 @@
+"""The HSR set operation and head regions (DESIGN §9), on tensors, vectorized.
+
+For a prunable linear W ∈ R^{out×in} with n = out·in, T(X, f) is the set of the int(f·n) largest
+entries of X (flattened; ties go to the lower flat index):
+
+    F = T(S, q) ∩ T(U, p_max) \\ T(U, p)         (safety-critical, moderately utility-relevant)
+    R = P ∩ F ∩ region(selected heads of the layer)
+
+P is the base mask (True = pruned). Restored weights take their dense values; MLP linears are
+never restored. ``hsr_a`` restores all of P ∩ region (no F).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .adapters import Geometry
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def top_fraction(X: torch.Tensor, f: float) -> torch.Tensor:
+    """Boolean mask of T(X, f): the int(f·n) largest entries of X, ties to the lower flat index."""
+    if not 0.0 <= f <= 1.0:
+        raise ValueError(f"fraction {f}: must be in [0, 1]")
+    n = X.numel()
+    k = int(f * n)
+    flat = X.reshape(-1)
+    mask = torch.zeros(n, dtype=torch.bool, device=X.device)
+    if k == 0:
+        return mask.view(X.shape)
+    if k == n:
+        return mask.fill_(True).view(X.shape)
+    # the k-th largest value; everything above it is in, and the first few equal to it fill up to k
+    thresh = torch.topk(flat, k, sorted=False).values.min()
+    above = flat > thresh
+    need = k - int(above.sum())
+    tie_idx = torch.nonzero(flat == thresh).squeeze(1)[:need]
+    mask |= above
+    mask[tie_idx] = True
+    return mask.view(X.shape)
+
+
+def hsr_candidates(S: torch.Tensor, U: torch.Tensor, p: float, q: float, p_max: float) -> torch.Tensor:
+    """F = T(S, q) ∩ T(U, p_max) \\ T(U, p) for one matrix."""
+    if not 0.0 <= p <= p_max <= 1.0:
+        raise ValueError(f"need 0 ≤ p ≤ p_max ≤ 1, got p={p}, p_max={p_max}")
+    return top_fraction(S, q) & top_fraction(U, p_max) & ~top_fraction(U, p)
+
+
+def module_kind(name: str) -> str:
+    """'layers.3.self_attn.q_proj' → 'q_proj'."""
+    return name.rsplit(".", 1)[-1]
+
+
+def head_region(kind: str, shape: tuple[int, int], geo: Geometry, heads: Iterable[int], mode: str = "paper",
+                device=None) -> torch.Tensor:
+    """Boolean [out, in] mask of the weights of ``heads`` (query heads of one layer) in a q/k/v/o
+    linear. ``paper``: q rows of each head, k/v rows of its KV head, o columns of each head.
+    ``reference`` (the released code): q input-column bands of width in/H, k/v input-column bands
+    of width in/H_kv for the head's KV group, o_proj everywhere."""
+    out_f, in_f = shape
+    heads = sorted(set(heads))
+    region = torch.zeros(shape, dtype=torch.bool, device=device)
+    if kind not in ATTN:
+        return region  # MLP linears are never restored
+    if mode == "paper":
+        for h in heads:
+            if kind == "q_proj":
+                region[geo.q_rows(h), :] = True
+            elif kind in ("k_proj", "v_proj"):
+                region[geo.kv_rows(geo.kv_head(h)), :] = True
+            else:
+                region[:, geo.q_rows(h)] = True
+        return region
+    if mode != "reference":
+        raise ValueError(f"region mode {mode!r}: use 'paper' or 'reference'")
+    if kind == "o_proj":
+        return region.fill_(bool(heads))
+    for h in heads:
+        if kind == "q_proj":
+            w = in_f // geo.n_heads
+            region[:, h * w:(h + 1) * w] = True
+        else:
+            w = in_f // geo.n_kv_heads
+            g = geo.kv_head(h)
+            region[:, g * w:(g + 1) * w] = True
+    return region
+
+
+def rederived_mask(U: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The released code's base mask: per output row, the int(in·s) lowest utility scores
+    (stable ascending sort) are pruned."""
+    k = int(U.shape[1] * sparsity)
+    mask = torch.zeros_like(U, dtype=torch.bool)
+    if k:
+        idx = torch.sort(U, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def restore_set(P: torch.Tensor, S: torch.Tensor, U: torch.Tensor, region: torch.Tensor, variant: str,
+                p: float, q: float, p_max: float) -> torch.Tensor:
+    """R for one matrix: ``P ∩ F ∩ region`` (hsr, random_heads) or ``P ∩ region`` (hsr_a)."""
+    if variant == "hsr_a":
+        return P & region
+    if variant not in ("hsr", "random_heads"):
+        raise ValueError(f"realign variant {variant!r}: use hsr, hsr_a or random_heads")
+    if not region.any():
+        return region.clone()
+    return P & region & hsr_candidates(S, U, p, q, p_max)
+
+
+def random_heads(geo: Geometry, top_h: int, seed: int) -> list[tuple[int, int]]:
+    """``top_h`` heads drawn uniformly without replacement (seeded), layer-major sorted."""
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(geo.n_layers * geo.n_heads, generator=g)[:top_h].tolist()
+    return sorted((i // geo.n_heads, i % geo.n_heads) for i in flat)

@@ -1,0 +1,109 @@
+"""The HSR set operation and head regions on hand-made matrices (DESIGN §9)."""
+
+import pytest
+import torch
+
+from hsr_lib.adapters import Geometry
+from hsr_lib.realign import (head_region, hsr_candidates, random_heads, rederived_mask, restore_set,
+                             top_fraction)
+
+T, F_ = True, False
+GQA = Geometry(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=2, hidden_size=8)
+MHA = Geometry(n_layers=2, n_heads=4, n_kv_heads=4, head_dim=2, hidden_size=8)
+
+
+def B(rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def test_top_fraction_by_hand_with_ties():
+    X = torch.tensor([[5.0, 1.0], [3.0, 3.0]])
+    assert torch.equal(top_fraction(X, 0.5), B([[T, F_], [T, F_]]))  # the tie at 3 goes to flat index 2
+    assert torch.equal(top_fraction(X, 0.75), B([[T, F_], [T, T]]))
+    assert torch.equal(top_fraction(X, 0.0), B([[F_, F_], [F_, F_]]))
+    assert torch.equal(top_fraction(X, 1.0), B([[T, T], [T, T]]))
+    assert int(top_fraction(torch.zeros(7, 3), 0.5).sum()) == int(0.5 * 21)  # all tied
+    with pytest.raises(ValueError):
+        top_fraction(X, 1.5)
+
+
+def test_top_fraction_equals_a_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 5, (13, 17), generator=g).float()  # many ties
+    for f in (0.1, 0.35, 0.5, 0.7, 0.99):
+        k = int(f * X.numel())
+        idx = torch.sort(X.reshape(-1), descending=True, stable=True).indices[:k]
+        want = torch.zeros(X.numel(), dtype=torch.bool)
+        want[idx] = True
+        assert torch.equal(top_fraction(X, f), want.view(X.shape)), f
+
+
+def test_candidates_by_hand():
+    # 2×4 matrix, n = 8. U ranks (high→low): idx 0,1,2,...,7; S ranks: idx 7,6,...,0.
+    U = torch.arange(8, 0, -1).float().view(2, 4)
+    S = torch.arange(1, 9).float().view(2, 4)
+    # T(U,0.5) = {0,1,2,3}; T(U,0.75) = {0..5}; T(S,0.5) = {4,5,6,7}
+    # F = {4,5,6,7} ∩ {0..5} \ {0..3} = {4,5}
+    assert torch.equal(hsr_candidates(S, U, p=0.5, q=0.5, p_max=0.75), B([[F_, F_, F_, F_], [T, T, F_, F_]]))
+    assert not hsr_candidates(S, U, p=0.5, q=0.5, p_max=0.5).any()  # p = p_max: nothing
+    assert not hsr_candidates(S, U, p=0.5, q=0.1, p_max=0.75).any()  # int(0.1·8) = 0 safety entries
+    with pytest.raises(ValueError):
+        hsr_candidates(S, U, p=0.8, q=0.5, p_max=0.7)
+
+
+def test_paper_region_gqa():
+    q = head_region("q_proj", (8, 8), GQA, [1])
+    assert q[2:4].all() and q.sum() == 2 * 8
+    k = head_region("k_proj", (4, 8), GQA, [1])  # head 1 reads KV head 0: rows 0:2
+    assert k[0:2].all() and k.sum() == 2 * 8
+    v = head_region("v_proj", (4, 8), GQA, [2, 3])  # both read KV head 1
+    assert v[2:4].all() and v.sum() == 2 * 8
+    o = head_region("o_proj", (8, 8), GQA, [1, 3])
+    assert o[:, 2:4].all() and o[:, 6:8].all() and o.sum() == 2 * 2 * 8
+    assert not head_region("gate_proj", (16, 8), GQA, [1]).any()
+    assert not head_region("q_proj", (8, 8), GQA, []).any()
+
+
+def test_paper_region_mha():
+    k = head_region("k_proj", (8, 8), MHA, [3])
+    assert k[6:8].all() and k.sum() == 16
+
+
+def test_reference_region_gqa():
+    q = head_region("q_proj", (8, 8), GQA, [1], mode="reference")  # input columns [1·2, 2·2)
+    assert q[:, 2:4].all() and q.sum() == 8 * 2
+    k = head_region("k_proj", (4, 8), GQA, [3], mode="reference")  # group 1, width in/H_kv = 4
+    assert k[:, 4:8].all() and k.sum() == 4 * 4
+    assert head_region("o_proj", (8, 8), GQA, [0], mode="reference").all()
+    assert not head_region("o_proj", (8, 8), GQA, [], mode="reference").any()
+    with pytest.raises(ValueError):
+        head_region("q_proj", (8, 8), GQA, [0], mode="nope")
+
+
+def test_rederived_mask_by_hand():
+    U = torch.tensor([[3.0, 1.0, 2.0, 1.0], [0.0, 5.0, 4.0, 6.0]])
+    # s = 0.5: 2 lowest per row; row 0 has a tie at 1.0 (indices 1 and 3 both lowest)
+    assert torch.equal(rederived_mask(U, 0.5), B([[F_, T, F_, T], [T, F_, T, F_]]))
+    assert torch.equal(rederived_mask(U, 0.25), B([[F_, T, F_, F_], [T, F_, F_, F_]]))  # stable: index 1 first
+    assert not rederived_mask(U, 0.0).any()
+
+
+def test_restore_set_invariants_and_variants():
+    g = torch.Generator().manual_seed(1)
+    S, U = torch.rand(8, 8, generator=g), torch.rand(8, 8, generator=g)
+    P = rederived_mask(U, 0.5)
+    region = head_region("q_proj", (8, 8), GQA, [0, 2])
+    R = restore_set(P, S, U, region, "hsr", p=0.5, q=0.5, p_max=0.7)
+    assert not (R & ~P).any() and not (R & ~region).any()  # R ⊆ P ∩ region
+    assert torch.equal(R, P & region & hsr_candidates(S, U, 0.5, 0.5, 0.7))
+    assert torch.equal(restore_set(P, S, U, region, "hsr_a", 0.5, 0.5, 0.7), P & region)
+    assert not restore_set(P, S, U, region, "hsr", 0.5, 0.5, 0.5).any()
+    with pytest.raises(ValueError):
+        restore_set(P, S, U, region, "whole", 0.5, 0.5, 0.7)
+
+
+def test_random_heads_seeded():
+    a, b = random_heads(GQA, 3, seed=7), random_heads(GQA, 3, seed=7)
+    assert a == b and len(set(a)) == 3 and a == sorted(a)
+    assert all(0 <= l < 2 and 0 <= h < 4 for l, h in a)
+    assert random_heads(GQA, 3, seed=8) != a or random_heads(GQA, 3, seed=9) != a

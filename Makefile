@@ -12,6 +12,8 @@ PARAMS ?= params/tiny.yaml
 STAMP  := $(VENV)/.hsr-installed
 
 export HF_HUB_OFFLINE ?= 1
+# tiny models on a few cores: one OpenMP thread avoids threads spinning against each other
+tiny test: export OMP_NUM_THREADS ?= 1
 
 .PHONY: install tiny test clean-runs
 

@@ -141,3 +141,20 @@ def load_processor_only(name: str, seed: int = 0):
         return load_processor(name)
     except OSError as err:
         raise ModelError(f"model.name = {name!r}: cannot load its processor: {err}") from None
+
+
+def model_config(name: str, seed: int = 0):
+    """The config of ``name`` without loading its weights (tiny models are built whole: cheap)."""
+    if name.startswith("tiny:"):
+        from .tiny import build_tiny
+
+        try:
+            return build_tiny(name.removeprefix("tiny:"), seed=seed)[0].config
+        except ValueError as err:
+            raise ModelError(f"model.name = {name!r}: {err}") from None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.name = {name!r}: cannot read its config: {err}") from None

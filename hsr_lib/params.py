@@ -155,8 +155,12 @@ class ShipsParams:
 @dataclass(frozen=True)
 class ScoresParams:
     """Importance scores (Wanda/SparseGPT/SNIP) on the dense model."""
-    offload_layers: bool = _f(False, "stream decoder layers from CPU to save accelerator memory")
-    batch_size: int = _f(1, "calibration samples per forward", "[1, inf)")
+    offload_layers: bool = _f(False, "decoder layers live on the CPU and visit the accelerator one at a time")
+    batch_size: int = _f(1, "calibration samples per forward (left-padded; SNIP always runs one at a time)",
+                         "[1, inf)")
+    methods: list[str] = _f([], "methods scored besides pruning.method (e.g. [wanda, sparsegpt, snip])",
+                            _subset(["wanda", "sparsegpt", "snip"]))
+    save_dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype the score tensors are stored in")
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ class PruningParams:
     sequential: bool = _f(True, "calibrate layer i on the outputs of the already pruned layers")
     blocksize: int = _f(128, "SparseGPT: columns per lazy OBS block", "[1, inf)")
     percdamp: float = _f(0.01, "SparseGPT: damping, fraction of mean(diag H)", "(0, inf)")
+    save_model: bool = _f(False, "also save the pruned model as an HF model directory (<run>/prune/model)")
 
 
 @dataclass(frozen=True)
@@ -184,17 +189,29 @@ class RealignParams:
     save_model: bool = _f(False, "also save the realigned model's weights")
 
 
+EVAL_BENCHMARKS = ("safebench", "ch3ef", "mmbench", "docvqa", "vlguard_unsafe", "vlguard_safe_unsafe")
+
+
+def _data_roots(v: dict) -> str | None:
+    """Check eval.data_roots: keys are benchmark names (or 'vlguard', shared by both VLGuard subsets)."""
+    known = (*EVAL_BENCHMARKS, "vlguard")
+    bad = [k for k in v if k not in known]
+    return f"keys must be benchmark names: {', '.join(map(repr, known))} (got {bad[0]!r})" if bad else None
+
+
 @dataclass(frozen=True)
 class EvalParams:
-    """Generation and judging."""
+    """Generation, refusal judges and benchmarks of notebook 06 (DESIGN §10)."""
     max_new_tokens: int = _f(64, "greedy decoding length", "[1, inf)")
     batch_size: int = _f(8, "prompts per generation batch", "[1, inf)")
-    judges: list[str] = _f(["vlguard"], "refusal judges: vlguard, wei, gcg (keywords), llm",
-                           _subset(["vlguard", "wei", "gcg", "llm"]))
+    judges: list[str] = _f(["vlguard"], "refusal judges: vlguard, wei, gcg (keywords), llm; the first fills the "
+                           "results table", _subset(["vlguard", "wei", "gcg", "llm"], True))
     llm_judge_path: str | None = _f(None, "local path of the LLM judge (required when judges holds llm)")
-    benchmarks: list[str] = _f(["vlguard_unsafe", "vlguard_safe_unsafe"], "benchmarks evaluated")
-    data_roots: dict[str, str] = _f({}, "benchmark name -> folder of its data")
-    n_items: int | None = _f(None, "items per benchmark (null: all)", "[1, inf)")
+    benchmarks: list[str] = _f(["safebench", "ch3ef", "mmbench", "docvqa"],
+                               "benchmarks evaluated: " + ", ".join(EVAL_BENCHMARKS), _subset(EVAL_BENCHMARKS, True))
+    data_roots: dict[str, str] = _f({}, "benchmark name -> folder (or file) of its data", _data_roots)
+    n_items: int | None = _f(None, "items per benchmark, the first n in file order (null: all)", "[1, inf)")
+    mmbench_circular: bool = _f(False, "MMBench circular evaluation: right only if every rotation of the options is")
 
 
 SECTIONS: dict[str, type] = {"model": ModelParams, "data": DataParams, "ships": ShipsParams, "scores": ScoresParams,

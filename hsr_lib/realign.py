@@ -33,8 +33,10 @@ def top_fraction(X: torch.Tensor, f: float) -> torch.Tensor:
         return mask.view(X.shape)
     if k == n:
         return mask.fill_(True).view(X.shape)
-    # the k-th largest value; everything above it is in, and the first few equal to it fill up to k
-    thresh = torch.topk(flat, k, sorted=False).values.min()
+    # the k-th largest value (an O(n) selection); everything above it is in, and the first few
+    # entries equal to it fill up to k
+    flat = flat.float()
+    thresh = torch.kthvalue(flat, n - k + 1).values
     above = flat > thresh
     need = k - int(above.sum())
     tie_idx = torch.nonzero(flat == thresh).squeeze(1)[:need]

@@ -25,10 +25,10 @@ from .params import Params, load_params
 STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": ((), ("data",)),
     "ships": (("data",), ("model", "seed", "fidelity", "ships")),
-    "scores": (("data",), ("model", "seed", "fidelity", "scores", "pruning")),
+    "scores": (("data",), ("model", "seed", "fidelity", "scores", "pruning.method", "pruning.percdamp")),
     "prune": (("data", "scores"), ("model", "seed", "fidelity", "pruning")),
     "realign": (("ships", "scores", "prune"), ("fidelity", "realign")),
-    "evaluate": (("prune", "realign"), ("eval",)),
+    "evaluate": (("prune", "realign"), ("model", "seed", "eval")),
 }
 MARKER = "_step.json"
 PATH_KEYS = ("runs_dir", "data.vlguard_root", "data.image_root", "eval.llm_judge_path")

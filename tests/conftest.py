@@ -68,3 +68,59 @@ def tiny_run(tmp_path_factory):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return runs / "tiny", proc
+
+
+@pytest.fixture
+def fresh_lm():
+    """``fresh_lm(name)`` → a new float32 CPU ``LoadedModel`` of ``tiny:<name>`` that a test may modify."""
+    from hsr_lib.models import load_model
+
+    return lambda name: load_model(f"tiny:{name}", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def calib_samples(synthetic_vlguard):
+    """Three utility and three safety samples of the synthetic VLGuard set (prompt + response)."""
+    _, _, splits = synthetic_vlguard
+    return {"utility": splits["utility"][:3], "safety": splits["safety"][:3]}
+
+
+_GUARD_TEMPLATE = ("{%- for m in messages -%}{%- if m.role == 'user' -%}{{- 'User: ' + m.content + '\\n' -}}"
+                  "{%- else -%}{{- 'Agent: ' + m.content + '\\n' -}}{%- endif -%}{%- endfor -%}"
+                  "{{- 'Provide your safety assessment for Agent in the above conversation:\\n' -}}")
+
+
+def _tiny_guard(path, verdict: str):
+    """A Llama-Guard-shaped stand-in: a tiny Llama whose weights make it always answer ``verdict``.
+
+    Constant embeddings and zeroed attention/MLP outputs give one hidden state everywhere;
+    lm_head then points it at the added token ``verdict``."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hsr_lib.tiny import make_tokenizer
+
+    tok = make_tokenizer("llama3")
+    tok.add_tokens([AddedToken("unsafe", normalized=False), AddedToken("safe", normalized=False)])
+    tok.chat_template = _GUARD_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.convert_tokens_to_ids(verdict)] = 1.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_guard():
+    """``tiny_guard(folder, "safe" | "unsafe")`` saves a Llama-Guard-shaped stand-in judge there."""
+    return _tiny_guard

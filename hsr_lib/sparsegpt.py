@@ -1,0 +1,137 @@
+"""SparseGPT (Frantar & Alistarh, 2023): OBS pruning with lazy column blocks (DESIGN §7, §8).
+
+``H = (2/N) Σ_n X_n X_nᵀ`` over response positions. Dead inputs (``H_jj = 0``) get ``H_jj = 1``;
+then ``0.01 · mean(diag H)`` is added to the diagonal. When the Cholesky factorisation still
+fails, the damping is multiplied by 10 (a warning says so) until it succeeds.
+
+``U`` is the upper Cholesky factor of ``H⁻¹``; ``U_jj² = [H[j:, j:]⁻¹]_00``, so ``w² / U_jj²`` is the
+OBS saliency of a weight once the columns before it are fixed. (The importance *score* stored for
+S and U, DESIGN §7, is ``W² / [H⁻¹]_jj²`` with the full inverse: :func:`inverse_diagonal`.)
+
+Mask selection follows the released algorithm with one change the design asks for: in the
+unstructured pattern each row of a block of columns ``[i1, i2)`` loses exactly
+``int(i2·s) − int(i1·s)`` weights (its lowest ``w² / U_jj²``, stable order), so every row ends with
+exactly ``int(in·s)`` zeros; the released code thresholds a block over all rows jointly. Under
+N:M, each group of M columns loses its N lowest when the sweep reaches it. Inputs whose
+Hessian diagonal is zero are not zeroed outside the mask (the released code zeroes them).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def _prepared(H: torch.Tensor) -> torch.Tensor:
+    """fp32 copy of ``H`` with dead inputs' diagonal set to 1."""
+    H = H.detach().float().clone()
+    diag = torch.diagonal(H)
+    diag[diag == 0] = 1.0
+    return H
+
+
+def damped_cholesky(H: torch.Tensor, percdamp: float = 0.01, name: str = "",
+                    max_tries: int = 8) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of ``H`` (dead inputs fixed) + damping, and the damping fraction used."""
+    H = _prepared(H)
+    mean = torch.diagonal(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    pd = percdamp
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + pd * mean * eye)
+        if int(info) == 0 and torch.isfinite(torch.diagonal(L)).all():
+            return L, pd
+        warnings.warn(f"SparseGPT {name}: Cholesky failed with damping {pd:g}·mean(diag H); "
+                      f"raising the damping to {pd * 10:g}", RuntimeWarning, stacklevel=2)
+        pd *= 10
+    raise RuntimeError(f"SparseGPT {name}: Cholesky failed even with damping {pd / 10:g}·mean(diag H)")
+
+
+def _inverse_lower(L: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` of a lower-triangular ``L`` (a triangular solve: much faster on CPUs than cholesky_inverse)."""
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False)
+
+
+def inverse_diagonal(H: torch.Tensor, percdamp: float = 0.01, name: str = "") -> tuple[torch.Tensor, float]:
+    """``diag(H⁻¹)`` of the damped Hessian (fp32) and the damping fraction used."""
+    L, pd = damped_cholesky(H, percdamp, name)
+    return _inverse_lower(L).pow(2).sum(0), pd  # H⁻¹ = L⁻ᵀ L⁻¹
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, name: str = "") -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of the damped ``H⁻¹`` (``H⁻¹ = UᵀU``) and the damping fraction used.
+
+    With J the reversal permutation, ``J H J = M Mᵀ`` (M lower) gives ``H = R Rᵀ`` with ``R = J M J``
+    upper triangular, so ``U = R⁻¹``: one factorisation and one triangular solve, no inverse formed."""
+    M, pd = damped_cholesky(torch.flip(H, (0, 1)), percdamp, name)
+    R = torch.flip(M, (0, 1))
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    return torch.linalg.solve_triangular(R, eye, upper=True), pd
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """None for 'unstructured', ``(N, M)`` for 'N:M' with 0 < N < M; ValueError otherwise."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        n = m = 0
+    if not 0 < n < m:
+        raise ValueError(f"pruning pattern {pattern!r}: use 'unstructured' or 'N:M' with integers 0 < N < M")
+    return n, m
+
+
+@torch.no_grad()
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float, pattern: str = "unstructured",
+                    blocksize: int = 128, percdamp: float = 0.01, name: str = "",
+                    hinv: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Prune ``W`` [out, in] with the OBS updates of SparseGPT given ``H`` [in, in] (or ``hinv``,
+    :func:`inverse_cholesky` of it, shared by linears that read the same input).
+
+    Returns the new weights (``W``'s dtype; pruned entries exactly zero, survivors updated),
+    the mask (True = pruned) and the damping fraction actually used."""
+    nm = parse_pattern(pattern)
+    rows, cols = W.shape
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1) (got {sparsity})")
+    if nm is not None:
+        if abs(sparsity - nm[0] / nm[1]) > 1e-9:
+            raise ValueError(f"pattern {pattern!r} needs sparsity {nm[0] / nm[1]} (got {sparsity})")
+        if cols % nm[1] or blocksize % nm[1]:
+            raise ValueError(f"{name}: pattern {pattern!r} needs in_features ({cols}) and blocksize ({blocksize}) "
+                             f"divisible by {nm[1]}")
+    Hinv, pd = hinv if hinv is not None else inverse_cholesky(H, percdamp, name)
+    Hinv = Hinv.to(W.device)
+    dtype = W.dtype
+    WT = W.detach().float().t().contiguous()  # [in, out]: column j of W is the contiguous row j here
+    maskT = torch.zeros(cols, rows, dtype=torch.bool, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = WT[i1:i2].clone()
+        Q1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diagonal(Hinv1)[:, None]
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            k = int(i2 * sparsity) - int(i1 * sparsity)
+            if k > 0:
+                order = torch.argsort(W1 ** 2 / d1 ** 2, dim=0, stable=True)
+                mask1.scatter_(0, order[:k], True)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                tmp = W1[i:i + nm[1]] ** 2 / d1[i:i + nm[1]] ** 2
+                mask1.scatter_(0, i + torch.argsort(tmp, dim=0, stable=True)[:nm[0]], True)
+            w, m = W1[i], mask1[i]
+            Q1[i] = w.masked_fill(m, 0)
+            err = w.masked_fill(~m, 0) / Hinv1[i, i]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        WT[i1:i2] = Q1
+        WT[i2:] -= Hinv[i1:i2, i2:].T @ Err1
+        maskT[i1:i2] = mask1
+    W, mask = WT.t().contiguous(), maskT.t().contiguous()
+    return W.to(dtype), mask, pd

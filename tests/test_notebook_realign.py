@@ -30,3 +30,12 @@ def test_heads_are_the_ships_top_h(tiny_run, rec):
     scores = load_head_scores(run_dir / "ships" / "head_scores.json")
     assert rec["heads"] == [head_key(*h) for h in select_heads(scores, 4)]
     assert set(rec["restored_per_head"]) == set(rec["heads"])
+
+
+def test_evaluation_sees_all_three_variants(tiny_run, rec):
+    run_dir, _ = tiny_run
+    ev = read_records(run_dir / "notebooks" / "06_evaluate.ipynb")
+    assert ev["variants_evaluated"] == ["dense", "pruned", "realigned"]
+    rows = {r["variant"]: r for r in ev["results_table"]}
+    assert rows["realigned"]["restored_ratio_permyriad"] == pytest.approx(rec["restored_ratio_permyriad"])
+    assert rows["pruned"]["hsr"] is False and rows["realigned"]["hsr"] is True

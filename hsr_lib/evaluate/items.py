@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from PIL import Image
@@ -90,3 +91,14 @@ def first_n(items: list[EvalItem], n: int | None) -> list[EvalItem]:
     groups = list(dict.fromkeys(it.group or it.id for it in items))
     keep = set(groups[:n])
     return [it for it in items if (it.group or it.id) in keep]
+
+
+def find_data_file(root: Path, files: tuple[str, ...], label: str, how_to_get: str) -> Path:
+    """``root`` itself when it is a file, else the first of ``files`` inside it; a
+    :class:`BenchmarkError` naming the folder and how to get the data otherwise."""
+    if root.is_file():
+        return root
+    for name in files:
+        if (root / name).is_file():
+            return root / name
+    raise BenchmarkError(f"{label}: no {' or '.join(files)} in {str(root)!r}; {how_to_get}")

@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 
 from ..choices import LETTERS, mc_prompt
-from ..items import BenchmarkError, EvalItem
+from ..items import BenchmarkError, EvalItem, find_data_file
 
 FILES = ("meta_file/Harmless.json", "Harmless.json")
 IDK = "I don't know."
@@ -31,12 +31,7 @@ HOW_TO_GET = ("get meta_file/Harmless.json and its images from huggingface.co/da
 
 def find_file(root: Path) -> Path:
     """``root`` itself, or meta_file/Harmless.json inside it."""
-    if root.is_file():
-        return root
-    for name in FILES:
-        if (root / name).is_file():
-            return root / name
-    raise BenchmarkError(f"Ch3Ef: no {' or '.join(FILES)} in {str(root)!r}; {HOW_TO_GET}")
+    return find_data_file(root, FILES, "Ch3Ef", HOW_TO_GET)
 
 
 def _base(path: Path) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..items import BenchmarkError, EvalItem
+from ..items import BenchmarkError, EvalItem, find_data_file
 
 FILES = ("val_v1.0.json", "val_v1.0_withQT.json", "val/val_v1.0.json", "val/val_v1.0_withQT.json")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -21,12 +21,7 @@ HOW_TO_GET = ("download DocVQA Task 1 (val: val_v1.0.json and documents/) from r
 
 def find_file(root: Path) -> Path:
     """``root`` itself, or the val annotation file inside it."""
-    if root.is_file():
-        return root
-    for name in FILES:
-        if (root / name).is_file():
-            return root / name
-    raise BenchmarkError(f"DocVQA: no {' or '.join(FILES)} in {str(root)!r}; {HOW_TO_GET}")
+    return find_data_file(root, FILES, "DocVQA", HOW_TO_GET)
 
 
 def load(root: Path) -> list[EvalItem]:

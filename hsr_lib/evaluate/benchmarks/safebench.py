@@ -14,7 +14,7 @@ import csv
 from pathlib import Path
 
 from ..figstep import FIGSTEP_PROMPT
-from ..items import BenchmarkError, EvalItem
+from ..items import BenchmarkError, EvalItem, find_data_file
 
 COLUMNS = ("dataset", "category_id", "task_id", "category_name", "question", "instruction")
 FILES = ("safebench.csv", "question/safebench.csv", "data/question/safebench.csv")
@@ -24,12 +24,7 @@ HOW_TO_GET = ("get data/question/safebench.csv from github.com/ThuCCSLab/FigStep
 
 def find_file(root: Path) -> Path:
     """The SafeBench CSV: ``root`` itself, or safebench.csv inside it (FigStep's layout too)."""
-    if root.is_file():
-        return root
-    for name in FILES:
-        if (root / name).is_file():
-            return root / name
-    raise BenchmarkError(f"SafeBench: no {' or '.join(FILES)} in {str(root)!r}; {HOW_TO_GET}")
+    return find_data_file(root, FILES, "SafeBench", HOW_TO_GET)
 
 
 def load(root: Path) -> list[EvalItem]:

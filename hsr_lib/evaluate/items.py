@@ -102,3 +102,13 @@ def find_data_file(root: Path, files: tuple[str, ...], label: str, how_to_get: s
         if (root / name).is_file():
             return root / name
     raise BenchmarkError(f"{label}: no {' or '.join(files)} in {str(root)!r}; {how_to_get}")
+
+
+def read_json_file(path: Path):
+    """Parse a benchmark's JSON file; a :class:`BenchmarkError` naming it when it is not JSON."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BenchmarkError(f"{path}: not valid JSON ({e})") from None

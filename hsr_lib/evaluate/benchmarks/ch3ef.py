@@ -16,12 +16,11 @@ Ch3Ef ASRs (2.35%, 8.12%, ...) are all multiples of 1/468, i.e. consistent with 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from ..choices import LETTERS, mc_prompt
-from ..items import BenchmarkError, EvalItem, find_data_file
+from ..items import BenchmarkError, EvalItem, find_data_file, read_json_file
 
 FILES = ("meta_file/Harmless.json", "Harmless.json")
 IDK = "I don't know."
@@ -42,10 +41,7 @@ def _base(path: Path) -> Path:
 def load(root: Path) -> list[EvalItem]:
     """Read Harmless.json into shuffled multiple-choice items."""
     path = find_file(root)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BenchmarkError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_file(path)
     rows = data.get("items") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not rows:
         raise BenchmarkError(f"{path}: expected {{\"items\": [...]}} with at least one item")

@@ -8,10 +8,9 @@ The test split has no ``answers``; use val. The prompt adds LLaVA's short-answer
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..items import BenchmarkError, EvalItem, find_data_file
+from ..items import BenchmarkError, EvalItem, find_data_file, read_json_file
 
 FILES = ("val_v1.0.json", "val_v1.0_withQT.json", "val/val_v1.0.json", "val/val_v1.0_withQT.json")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -27,10 +26,7 @@ def find_file(root: Path) -> Path:
 def load(root: Path) -> list[EvalItem]:
     """Read the DocVQA annotations into items with their gold answers."""
     path = find_file(root)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BenchmarkError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_file(path)
     rows = data.get("data") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not rows:
         raise BenchmarkError(f"{path}: expected {{\"data\": [...]}} with at least one question")

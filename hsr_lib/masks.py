@@ -82,3 +82,24 @@ def load_masks(path: str | os.PathLike, keys: list[str] | None = None) -> dict[s
         if missing:
             raise KeyError(f"{path}: no mask for {missing[0]!r}")
         return {k: unpack(f.get_tensor(k), shapes[k]) for k in names}
+
+
+def mask_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """The shape of every mask in a file, without unpacking any."""
+    return json.loads(mask_metadata(path)["shapes"])
+
+
+def rewrite_masks(src: str | os.PathLike, dst: str | os.PathLike, changed: Mapping[str, torch.Tensor],
+                  metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``dst`` = the masks of ``src`` with those in ``changed`` replaced; the others are
+    copied still packed (a 7B model's masks never exist unpacked all at once)."""
+    from safetensors import safe_open
+
+    shapes = mask_shapes(src)
+    for k, v in changed.items():
+        if list(v.shape) != shapes.get(k):
+            raise ValueError(f"{src}: mask {k!r} has shape {shapes.get(k)}, the replacement {list(v.shape)}")
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: pack(changed[k]) if k in changed else f.get_tensor(k) for k in f.keys()}
+    return atomic_save_safetensors(dst, tensors, {**meta, **dict(metadata or {})})

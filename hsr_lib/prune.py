@@ -29,7 +29,7 @@ import torch
 from .calibration import Calibration, _progress, build, layer_linears, layer_on_device, load_for_calibration, run_layer
 from .data import Sample
 from .io import atomic_write_json, atomic_write_text, read_json
-from .masks import atomic_save_safetensors, load_masks, mask_metadata, save_masks
+from .masks import atomic_save_safetensors, load_masks, mask_metadata, mask_shapes, save_masks
 from .models import LoadedModel, load_from_params
 from .prompts import encode_prompt
 from .runs import Run
@@ -257,7 +257,10 @@ def build_pruned(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     if meta.get("model") not in (None, run.params.model.name):
         raise ValueError(f"the run's mask was made for {meta['model']!r}, not {run.params.model.name!r}")
     lm = lm or load_from_params(run.params)
-    return apply_pruning(lm, load_mask(run), load_pruned_weights(run))
+    weights = load_pruned_weights(run)
+    for name in mask_shapes(_prune_file(run, "mask.safetensors")):  # one module's mask unpacked at a time
+        apply_pruning(lm, load_mask(run, [name]), {name: weights[name]} if name in weights else None)
+    return lm
 
 
 def save_pruned(run: Run, path: str | os.PathLike | None = None) -> Path:

@@ -16,6 +16,7 @@ neighbours, exactly as in the released code.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,9 +24,9 @@ import torch
 
 from .adapters import adapter_for
 from .io import atomic_write_json, atomic_write_text, read_json
-from .masks import atomic_save_safetensors, load_masks, save_masks
+from .masks import atomic_save_safetensors, load_masks, mask_shapes, rewrite_masks
 from .models import LoadedModel, load_from_params, model_config
-from .prune import apply_pruning, load_mask, load_pruned_weights, prune_step
+from .prune import build_pruned, load_mask, prune_step
 from .realign import (head_region, hsr_candidates, module_kind, random_heads, rederived_mask, restore_set,
                       top_fraction)
 from .runs import Run
@@ -61,29 +62,30 @@ def realign_step(run: Run, progress: bool = True) -> dict:
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, h in heads:
         by_layer[layer].append(h)
-    actual = load_mask(run)
-    total_params = sum(m.numel() for m in actual.values())
-    realigned = dict(actual)
+    mask_file = run.step_dir("prune") / "mask.safetensors"
+    total_params = sum(math.prod(shape) for shape in mask_shapes(mask_file).values())
+    realigned: dict[str, torch.Tensor] = {}  # only the modules that change; the rest are copied packed
     restored: dict[str, torch.Tensor] = {}
     rows, head_rows = [], []
     for name in adapter.prunable_names(config):
         layer, kind = int(name.split(".")[1]), module_kind(name)
         if layer not in by_layer or kind not in ("q_proj", "k_proj", "v_proj", "o_proj"):
             continue
+        actual = load_mask(run, [name])[name]
         S = load_scores(run, "safety", keys=[name])[name].float()
         U = load_scores(run, "utility", keys=[name])[name].float()
-        base = actual[name] if R.base_mask == "actual" else rederived_mask(U, P.pruning.sparsity)
+        base = actual if R.base_mask == "actual" else rederived_mask(U, P.pruning.sparsity)
         region = head_region(kind, tuple(S.shape), geo, by_layer[layer], R.region)
         Rset = restore_set(base, S, U, region, R.variant, R.p, R.q, R.p_max)
         F = hsr_candidates(S, U, R.p, R.q, R.p_max)
-        realigned[name] = actual[name] & ~Rset
+        realigned[name] = actual & ~Rset
         if Rset.any():
             restored[name] = torch.nonzero(Rset.reshape(-1)).squeeze(1)
         rows.append({"module": name, "layer": layer, "kind": kind, "params": S.numel(),
                      "pruned": int(base.sum()), "top_q_safety": int(top_fraction(S, R.q).sum()),
                      "utility_band": int((top_fraction(U, R.p_max) & ~top_fraction(U, R.p)).sum()),
                      "F": int(F.sum()), "pruned_in_region": int((base & region).sum()), "restored": int(Rset.sum()),
-                     "newly_nonzero": int((Rset & actual[name]).sum())})
+                     "newly_nonzero": int((Rset & actual).sum())})
         for h in by_layer[layer]:
             own = head_region(kind, tuple(S.shape), geo, [h], "paper")
             head_rows.append({"layer": layer, "head": h, "kind": kind, "restored": int((Rset & own).sum())})
@@ -91,7 +93,7 @@ def realign_step(run: Run, progress: bool = True) -> dict:
     with run.step("realign") as d:
         meta = {"variant": R.variant, "fidelity": P.fidelity, "region": R.region, "base_mask": R.base_mask,
                 "model": P.model.name}
-        save_masks(d / "mask.safetensors", realigned, {**meta, "true_means": "pruned"})
+        rewrite_masks(mask_file, d / "mask.safetensors", realigned, {**meta, "true_means": "pruned"})
         atomic_save_safetensors(d / "restored.safetensors", restored or {"_none": torch.zeros(0, dtype=torch.long)},
                                 meta)
         _write_csv(d / "modules.csv", rows)
@@ -144,7 +146,7 @@ def build_realigned(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     lm = lm or load_from_params(run.params)
     lins = lm.prunable_linears()
     dense = {name: lins[name].weight.view(-1)[idx].clone() for name, idx in restored.items()}
-    apply_pruning(lm, load_mask(run), load_pruned_weights(run))
+    build_pruned(run, lm)
     for name, idx in restored.items():
         lins[name].weight.view(-1)[idx] = dense[name]
     return lm

@@ -46,3 +46,29 @@ def test_load_refuses_other_files_and_unknown_keys(tmp_path):
     path = save_masks(tmp_path / "m.safetensors", {"a": torch.ones(2, 2, dtype=torch.bool)})
     with pytest.raises(KeyError, match="'b'"):
         load_masks(path, ["b"])
+
+
+def test_rewrite_masks_replaces_some_and_copies_the_rest_packed(tmp_path):
+    import pytest
+    import torch
+    from safetensors import safe_open
+
+    from hsr_lib.masks import load_masks, mask_shapes, rewrite_masks, save_masks
+
+    g = torch.Generator().manual_seed(0)
+    masks = {"layers.0.mlp.up_proj": torch.rand(5, 7, generator=g) > 0.5,
+             "layers.0.self_attn.q_proj": torch.rand(4, 4, generator=g) > 0.5}
+    save_masks(tmp_path / "a.safetensors", masks, {"model": "m"})
+    new_q = ~masks["layers.0.self_attn.q_proj"]
+    rewrite_masks(tmp_path / "a.safetensors", tmp_path / "b.safetensors", {"layers.0.self_attn.q_proj": new_q},
+                  {"variant": "hsr"})
+    got = load_masks(tmp_path / "b.safetensors")
+    assert torch.equal(got["layers.0.self_attn.q_proj"], new_q)
+    assert torch.equal(got["layers.0.mlp.up_proj"], masks["layers.0.mlp.up_proj"])
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as a, safe_open(str(tmp_path / "b.safetensors"), "pt") as b:
+        assert torch.equal(a.get_tensor("layers.0.mlp.up_proj"), b.get_tensor("layers.0.mlp.up_proj"))
+        assert b.metadata()["model"] == "m" and b.metadata()["variant"] == "hsr"
+    assert mask_shapes(tmp_path / "b.safetensors") == {"layers.0.mlp.up_proj": [5, 7], "layers.0.self_attn.q_proj": [4, 4]}
+    with pytest.raises(ValueError, match="q_proj"):
+        rewrite_masks(tmp_path / "a.safetensors", tmp_path / "c.safetensors",
+                      {"layers.0.self_attn.q_proj": torch.zeros(3, 3, dtype=torch.bool)})

@@ -93,14 +93,11 @@ def head_region(kind: str, shape: tuple[int, int], geo: Geometry, heads: Iterabl
 
 
 def rederived_mask(U: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The released code's base mask: per output row, the int(in·s) lowest utility scores
-    (stable ascending sort) are pruned."""
-    k = int(U.shape[1] * sparsity)
-    mask = torch.zeros_like(U, dtype=torch.bool)
-    if k:
-        idx = torch.sort(U, dim=1, stable=True).indices[:, :k]
-        mask.scatter_(1, idx, True)
-    return mask
+    """The released code's base mask: the pruning rule re-applied to the dense utility scores,
+    per output row the int(in·s) lowest (stable ascending sort), unstructured."""
+    from .prune import prune_mask  # imported here: prune → scores → realign would be circular
+
+    return prune_mask(U, sparsity, "unstructured")
 
 
 def restore_set(P: torch.Tensor, S: torch.Tensor, U: torch.Tensor, region: torch.Tensor, variant: str,

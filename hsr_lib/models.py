@@ -82,18 +82,23 @@ class LoadedModel:
         return path
 
 
+def _tiny(name: str, seed: int):
+    """``(model, processor)`` of ``tiny:<name>``; an unknown name is a ModelError naming it."""
+    from .tiny import build_tiny
+
+    try:
+        return build_tiny(name.removeprefix("tiny:"), seed=seed)
+    except ValueError as err:
+        raise ModelError(f"model.name = {name!r}: {err}") from None
+
+
 def load_model(name: str, family: str = "auto", dtype: str = "auto", device: str = "auto",
                attn_implementation: str = "sdpa", seed: int = 0) -> LoadedModel:
     """Load ``name``: an HF id, a local folder, or ``tiny:<name>`` (random weights, built in code)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if name.startswith("tiny:"):
-        from .tiny import build_tiny
-
-        try:
-            model, processor = build_tiny(name.removeprefix("tiny:"), seed=seed)
-        except ValueError as err:
-            raise ModelError(f"model.name = {name!r}: {err}") from None
+        model, processor = _tiny(name, seed)
         model.config._attn_implementation = attn_implementation
         model.to(device=dev, dtype=dt)
     else:
@@ -131,12 +136,7 @@ def load_from_params(P) -> LoadedModel:
 def load_processor_only(name: str, seed: int = 0):
     """The processor of ``name`` without loading its weights (tiny models are built whole: cheap)."""
     if name.startswith("tiny:"):
-        from .tiny import build_tiny
-
-        try:
-            return build_tiny(name.removeprefix("tiny:"), seed=seed)[1]
-        except ValueError as err:
-            raise ModelError(f"model.name = {name!r}: {err}") from None
+        return _tiny(name, seed)[1]
     try:
         return load_processor(name)
     except OSError as err:
@@ -146,12 +146,7 @@ def load_processor_only(name: str, seed: int = 0):
 def model_config(name: str, seed: int = 0):
     """The config of ``name`` without loading its weights (tiny models are built whole: cheap)."""
     if name.startswith("tiny:"):
-        from .tiny import build_tiny
-
-        try:
-            return build_tiny(name.removeprefix("tiny:"), seed=seed)[0].config
-        except ValueError as err:
-            raise ModelError(f"model.name = {name!r}: {err}") from None
+        return _tiny(name, seed)[0].config
     from transformers import AutoConfig
 
     try:

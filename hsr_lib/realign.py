@@ -45,11 +45,18 @@ def top_fraction(X: torch.Tensor, f: float) -> torch.Tensor:
     return mask.view(X.shape)
 
 
-def hsr_candidates(S: torch.Tensor, U: torch.Tensor, p: float, q: float, p_max: float) -> torch.Tensor:
-    """F = T(S, q) ∩ T(U, p_max) \\ T(U, p) for one matrix."""
+def candidate_sets(S: torch.Tensor, U: torch.Tensor, p: float, q: float, p_max: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T(S, q), T(U, p_max) \\ T(U, p))`` for one matrix: the safety set and the utility band."""
     if not 0.0 <= p <= p_max <= 1.0:
         raise ValueError(f"need 0 ≤ p ≤ p_max ≤ 1, got p={p}, p_max={p_max}")
-    return top_fraction(S, q) & top_fraction(U, p_max) & ~top_fraction(U, p)
+    return top_fraction(S, q), top_fraction(U, p_max) & ~top_fraction(U, p)
+
+
+def hsr_candidates(S: torch.Tensor, U: torch.Tensor, p: float, q: float, p_max: float) -> torch.Tensor:
+    """F = T(S, q) ∩ T(U, p_max) \\ T(U, p) for one matrix."""
+    safety, band = candidate_sets(S, U, p, q, p_max)
+    return safety & band
 
 
 def module_kind(name: str) -> str:
@@ -101,15 +108,16 @@ def rederived_mask(U: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def restore_set(P: torch.Tensor, S: torch.Tensor, U: torch.Tensor, region: torch.Tensor, variant: str,
-                p: float, q: float, p_max: float) -> torch.Tensor:
-    """R for one matrix: ``P ∩ F ∩ region`` (hsr, random_heads) or ``P ∩ region`` (hsr_a)."""
+                p: float, q: float, p_max: float, F: torch.Tensor | None = None) -> torch.Tensor:
+    """R for one matrix: ``P ∩ F ∩ region`` (hsr, random_heads) or ``P ∩ region`` (hsr_a);
+    pass ``F`` when it is already computed."""
     if variant == "hsr_a":
         return P & region
     if variant not in ("hsr", "random_heads"):
         raise ValueError(f"realign variant {variant!r}: use hsr, hsr_a or random_heads")
     if not region.any():
         return region.clone()
-    return P & region & hsr_candidates(S, U, p, q, p_max)
+    return P & region & (F if F is not None else hsr_candidates(S, U, p, q, p_max))
 
 
 def random_heads(geo: Geometry, top_h: int, seed: int) -> list[tuple[int, int]]:

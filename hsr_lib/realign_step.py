@@ -22,24 +22,21 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for
+from .adapters import Geometry, adapter_for
 from .io import atomic_write_json, atomic_write_text, read_json
 from .masks import atomic_save_safetensors, load_masks, mask_shapes, rewrite_masks
 from .models import LoadedModel, load_from_params, model_config
 from .prune import build_pruned, load_mask, prune_step
-from .realign import (head_region, hsr_candidates, module_kind, random_heads, rederived_mask, restore_set,
-                      top_fraction)
+from .realign import candidate_sets, head_region, module_kind, random_heads, rederived_mask, restore_set
 from .runs import Run
 from .scores import load_scores, score_step
 from .ships import Head, head_key, select_heads
 from .ships_step import run_ships
 
 
-def choose_heads(run: Run) -> list[Head]:
+def choose_heads(run: Run, geo: Geometry) -> list[Head]:
     """The heads realignment works inside: the Ships top-h (hsr, hsr_a) or a seeded random draw."""
-    P, R = run.params, run.params.realign
-    config = model_config(P.model.name, P.seed)
-    geo = adapter_for(config, P.model.family).geometry(config)
+    R = run.params.realign
     if R.variant == "random_heads":
         return random_heads(geo, R.top_h, R.seed)
     scores = run_ships(run).scores
@@ -51,14 +48,24 @@ def choose_heads(run: Run) -> list[Head]:
 def realign_step(run: Run, progress: bool = True) -> dict:
     """Compute (or reuse) the realignment of ``run``; returns its summary."""
     P, R = run.params, run.params.realign
-    heads = choose_heads(run)  # runs (or reuses) Ships when needed
+    config = model_config(P.model.name, P.seed)
+    adapter = adapter_for(config, P.model.family)
+    geo = adapter.geometry(config)
+    heads = choose_heads(run, geo)  # runs (or reuses) Ships when needed
     score_step(run, progress=progress)
     prune_step(run, progress=progress)
     if run.is_done("realign"):
         return read_json(run.step_dir("realign") / "summary.json")
-    config = model_config(P.model.name, P.seed)
-    adapter = adapter_for(config, P.model.family)
-    geo = adapter.geometry(config)
+    with run.step("realign") as d:
+        summary = _realign(run, adapter, config, geo, heads, d)
+    if R.save_model:  # rebuilt from the finished step's artifacts
+        save_realigned(run, d / "model")
+    return summary
+
+
+def _realign(run: Run, adapter, config, geo: Geometry, heads: list[Head], d: Path) -> dict:
+    """The body of the step: R per module, then the artifacts in ``d``."""
+    P, R = run.params, run.params.realign
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, h in heads:
         by_layer[layer].append(h)
@@ -76,37 +83,31 @@ def realign_step(run: Run, progress: bool = True) -> dict:
         U = load_scores(run, "utility", keys=[name])[name].float()
         base = actual if R.base_mask == "actual" else rederived_mask(U, P.pruning.sparsity)
         region = head_region(kind, tuple(S.shape), geo, by_layer[layer], R.region)
-        Rset = restore_set(base, S, U, region, R.variant, R.p, R.q, R.p_max)
-        F = hsr_candidates(S, U, R.p, R.q, R.p_max)
+        safety, band = candidate_sets(S, U, R.p, R.q, R.p_max)  # the three selections, once
+        F = safety & band
+        Rset = restore_set(base, S, U, region, R.variant, R.p, R.q, R.p_max, F=F)
         realigned[name] = actual & ~Rset
         if Rset.any():
             restored[name] = torch.nonzero(Rset.reshape(-1)).squeeze(1)
         rows.append({"module": name, "layer": layer, "kind": kind, "params": S.numel(),
-                     "pruned": int(base.sum()), "top_q_safety": int(top_fraction(S, R.q).sum()),
-                     "utility_band": int((top_fraction(U, R.p_max) & ~top_fraction(U, R.p)).sum()),
+                     "pruned": int(base.sum()), "top_q_safety": int(safety.sum()), "utility_band": int(band.sum()),
                      "F": int(F.sum()), "pruned_in_region": int((base & region).sum()), "restored": int(Rset.sum()),
                      "newly_nonzero": int((Rset & actual).sum())})
         for h in by_layer[layer]:
             own = head_region(kind, tuple(S.shape), geo, [h], "paper")
             head_rows.append({"layer": layer, "head": h, "kind": kind, "restored": int((Rset & own).sum())})
     n_restored = sum(r["restored"] for r in rows)
-    with run.step("realign") as d:
-        meta = {"variant": R.variant, "fidelity": P.fidelity, "region": R.region, "base_mask": R.base_mask,
-                "model": P.model.name}
-        rewrite_masks(mask_file, d / "mask.safetensors", realigned, {**meta, "true_means": "pruned"})
-        atomic_save_safetensors(d / "restored.safetensors", restored or {"_none": torch.zeros(0, dtype=torch.long)},
-                                meta)
-        _write_csv(d / "modules.csv", rows)
-        _write_csv(d / "heads.csv", _sum_heads(head_rows))
-        summary = {**meta, "heads": [head_key(*h) for h in heads], "top_h": R.top_h, "p": R.p, "q": R.q,
-                   "p_max": R.p_max, "restored": n_restored,
-                   "newly_nonzero": sum(r["newly_nonzero"] for r in rows),
-                   "decoder_linear_params": total_params,
-                   "restored_ratio_permyriad": n_restored / total_params * 1e4,
-                   "pruning_method": P.pruning.method, "sparsity": P.pruning.sparsity}
-        atomic_write_json(d / "summary.json", summary)
-        if R.save_model:
-            save_realigned(run, d / "model")
+    meta = {"variant": R.variant, "fidelity": P.fidelity, "region": R.region, "base_mask": R.base_mask,
+            "model": P.model.name}
+    rewrite_masks(mask_file, d / "mask.safetensors", realigned, {**meta, "true_means": "pruned"})
+    atomic_save_safetensors(d / "restored.safetensors", restored or {"_none": torch.zeros(0, dtype=torch.long)}, meta)
+    _write_csv(d / "modules.csv", rows)
+    _write_csv(d / "heads.csv", _sum_heads(head_rows))
+    summary = {**meta, "heads": [head_key(*h) for h in heads], "top_h": R.top_h, "p": R.p, "q": R.q,
+               "p_max": R.p_max, "restored": n_restored, "newly_nonzero": sum(r["newly_nonzero"] for r in rows),
+               "decoder_linear_params": total_params, "restored_ratio_permyriad": n_restored / total_params * 1e4,
+               "pruning_method": P.pruning.method, "sparsity": P.pruning.sparsity}
+    atomic_write_json(d / "summary.json", summary)
     return summary
 
 

@@ -106,3 +106,10 @@ def test_saved_model_reloads_with_identical_logits(hsr_run, tmp_path, synthetic_
     enc = encode_prompt(lm_a.processor, synthetic_vlguard[2]["safety"][0])
     with torch.no_grad():
         assert torch.equal(lm_a.model(**enc).logits, lm_b.model(**enc).logits)
+
+
+def test_save_model_param_writes_a_loadable_directory(runs_dir):
+    run = open_run(runs_dir, "realign.save_model=true", "realign.seed=11", "realign.variant=random_heads")
+    realign_step(run, progress=False)
+    lm = load_model(str(run.step_dir("realign") / "model"))
+    assert lm.family == "llava_next"

@@ -30,18 +30,10 @@ from torch import nn
 from .data import Sample, open_image
 from .decoder import trace
 from .models import DTYPES, LoadedModel, load_from_params, load_model, resolve_device, resolve_dtype
+from .progress import maybe
 from .prompts import conversation_text, encode, encode_calibration
 
 InputHook = Callable[[str, torch.Tensor], None]
-
-
-def _progress(iterable, progress: bool, **kw):
-    """A progress bar (:func:`hsr_lib.progress.progress`) around ``iterable`` when ``progress`` is on."""
-    if not progress:
-        return iterable
-    from .progress import progress as bar
-
-    return bar(iterable, **kw)
 
 
 @dataclass
@@ -127,7 +119,7 @@ def build(lm: LoadedModel, samples: Sequence[Sample], fidelity: str = "paper", b
         raise ValueError("calibration needs at least one sample")
     batches = []
     starts = range(0, len(samples), batch_size)
-    for s0 in _progress(starts, progress, desc=desc, total=len(starts)):
+    for s0 in maybe(starts, progress, desc=desc, total=len(starts)):
         chunk = samples[s0:s0 + batch_size]
         inputs, spans = encode_batch(lm, chunk, fidelity)
         tr = trace(lm, inputs, keep="first")
@@ -263,7 +255,7 @@ def response_losses(lm: LoadedModel, samples: Sequence[Sample], fidelity: str = 
                     progress: bool = False) -> list[float]:
     """Mean cross-entropy over the response positions of each sample (a full forward each)."""
     out = []
-    for s in _progress(samples, progress, desc="loss"):
+    for s in maybe(samples, progress, desc="loss"):
         cal = encode_calibration(lm.processor, s, fidelity, lm.adapter, device=lm.device)
         out.append(float(lm.model(**cal.inputs, labels=cal.labels().to(lm.device), use_cache=False).loss))
     return out

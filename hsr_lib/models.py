@@ -82,6 +82,19 @@ class LoadedModel:
         return path
 
 
+def save_model_dir(lm: LoadedModel, path: str | os.PathLike) -> Path:
+    """Save ``lm`` as an HF model directory, atomically: into a hidden sibling folder, then renamed."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
 def _tiny(name: str, seed: int):
     """``(model, processor)`` of ``tiny:<name>``; an unknown name is a ModelError naming it."""
     from .tiny import build_tiny

@@ -27,6 +27,7 @@ def start(params_path: str | None, overrides: dict | list | None = None) -> Run:
     return run
 
 
+
 def _jsonable(value: Any) -> Any:
     """Numbers, strings, lists and dicts as plain JSON (numpy/torch scalars and arrays too)."""
     if hasattr(value, "tolist"):
@@ -41,12 +42,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def record(name: str, value: Any) -> None:
-    """Show ``name = value`` and store it in the notebook's output for :func:`read_records`."""
+    """Store ``value`` under ``name`` in the notebook's output for :func:`read_records` (tests, the
+    runner's manifest), without showing it: the output carries only a data type no front end
+    draws, plus an empty text part (as recommenders' ``store_metadata`` does). A reader who needs
+    the values gets a table from the notebook instead."""
     from IPython.display import display
 
     value = _jsonable(value)
     json.dumps(value)  # fail here, not when the notebook is saved
-    display({RECORD_MIME: {"name": name, "value": value}, "text/plain": f"{name} = {value!r}"}, raw=True)
+    display({RECORD_MIME: {"name": name, "value": value}, "text/plain": ""}, raw=True)
 
 
 def read_records(notebook: str | os.PathLike) -> dict[str, Any]:

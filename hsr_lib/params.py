@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence, Union, get_args, g
 import yaml
 
 from .io import atomic_write_text, stable_hash
+from .sparsity import check_sparsity, parse_pattern
 
 __all__ = ["ParamsError", "Params", "load_params", "describe", "PARAM_DOCS",
            "REFERENCE_DEFAULTS", "SECTIONS"]
@@ -100,14 +101,13 @@ def _subset(choices: Sequence[str], nonempty: bool = False) -> Check:
     return check
 
 
-_NM = r"(\d+):(\d+)"
-
-
 def _pattern(v: str) -> str | None:
     """Check pruning.pattern: 'unstructured' or 'N:M' with 0 < N < M."""
-    m = re.fullmatch(_NM, v)
-    ok = v == "unstructured" or (m and 0 < int(m[1]) < int(m[2]))
-    return None if ok else f"must be 'unstructured' or 'N:M' with integers 0 < N < M (got {v!r})"
+    try:
+        parse_pattern(v)
+    except ValueError:
+        return f"must be 'unstructured' or 'N:M' with integers 0 < N < M (got {v!r})"
+    return None
 
 
 def _device(v: str) -> str | None:
@@ -199,9 +199,34 @@ def _data_roots(v: dict) -> str | None:
     return f"keys must be benchmark names: {', '.join(map(repr, known))} (got {bad[0]!r})" if bad else None
 
 
+_VARIANT = re.compile(r"(dense|pruned|hsr|hsr_a|random_heads)(?:@(\d+))?")
+VARIANT_HELP = "dense, pruned, hsr, hsr_a, random_heads (seed realign.seed) or random_heads@<seed>"
+
+
+def parse_variant(name: str) -> tuple[str, int | None]:
+    """``(kind, seed)`` of an evaluated variant's name; ValueError naming it when it is not one."""
+    m = _VARIANT.fullmatch(str(name))
+    if not m or (m[2] is not None and m[1] != "random_heads"):
+        raise ValueError(f"unknown variant {name!r}; variants: {VARIANT_HELP}")
+    return m[1], None if m[2] is None else int(m[2])
+
+
+def _variants(v: list) -> str | None:
+    """Check eval.variants: known names, no repeats, not empty."""
+    for x in v:
+        try:
+            parse_variant(x)
+        except ValueError:
+            return f"must only hold {VARIANT_HELP} (got {x!r})"
+    if len(set(v)) != len(v):
+        return f"must not repeat entries (got {v!r})"
+    return "must not be empty" if not v else None
+
+
 @dataclass(frozen=True)
 class EvalParams:
     """Generation, refusal judges and benchmarks of notebook 06 (DESIGN §10)."""
+    variants: list[str] = _f(["dense", "pruned", "hsr"], "model variants evaluated: " + VARIANT_HELP, _variants)
     max_new_tokens: int = _f(64, "greedy decoding length", "[1, inf)")
     batch_size: int = _f(8, "prompts per generation batch", "[1, inf)")
     judges: list[str] = _f(["vlguard"], "refusal judges: vlguard, wei, gcg (keywords), llm; the first fills the "
@@ -253,6 +278,16 @@ class Params:
         names = names or tuple(self.to_dict())
         return stable_hash({n: (asdict(v) if is_dataclass(v) else v)
                             for n in names for v in [self.get(n)]})
+
+    def replace(self, overrides: Mapping[str, Any]) -> "Params":
+        """These params with dotted-key ``overrides`` applied and checked (every other value kept as is)."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            section, _, name = key.rpartition(".")
+            if key not in _FIELDS:
+                raise ParamsError(f"replace: {_unknown(key)}")
+            (d[section] if section else d)[name] = value
+        return load_params(None, overrides=d)
 
     def save(self, path: str | Path) -> Path:
         """Write the resolved params as YAML, atomically; ``load_params(path)`` gives them back."""
@@ -441,10 +476,10 @@ def _cross_check(flat: dict[str, Any], origin: dict[str, str]) -> None:
         raise ParamsError(f"{blame('realign.p', 'realign.p_max')}: realign.p: must be <= realign.p_max "
                           f"(got realign.p = {p} from {origin['realign.p']}, "
                           f"realign.p_max = {p_max} from {origin['realign.p_max']})")
-    m, s = re.fullmatch(_NM, flat["pruning.pattern"]), flat["pruning.sparsity"]
-    if m and abs(s - int(m[1]) / int(m[2])) > 1e-9:
-        raise ParamsError(f"{blame('pruning.pattern', 'pruning.sparsity')}: pruning.sparsity: pruning.pattern "
-                          f"{m[0]!r} needs pruning.sparsity = {int(m[1]) / int(m[2])} (got {s})")
+    try:
+        check_sparsity(flat["pruning.sparsity"], flat["pruning.pattern"])
+    except ValueError as err:
+        raise ParamsError(f"{blame('pruning.pattern', 'pruning.sparsity')}: pruning.sparsity: {err}") from None
     if "llm" in flat["eval.judges"] and flat["eval.llm_judge_path"] is None:
         raise ParamsError(f"{blame('eval.judges', 'eval.llm_judge_path')}: eval.llm_judge_path: "
                           "required when eval.judges holds 'llm'")

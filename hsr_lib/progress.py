@@ -16,3 +16,8 @@ def progress(iterable=None, **kwargs):
         from tqdm.auto import tqdm
     kwargs.setdefault("mininterval", 1.0)
     return tqdm(iterable, **kwargs)
+
+
+def maybe(iterable, show: bool, **kwargs):
+    """``iterable`` inside a :func:`progress` bar when ``show`` is true, else unchanged."""
+    return progress(iterable, **kwargs) if show else iterable

@@ -9,43 +9,26 @@ every i (cost ~L/2 times one SNIP pass); ``sequential: false`` is one-shot SNIP 
 as SNIP and the released code do. Wanda and SNIP only zero weights; SparseGPT also updates the
 survivors.
 
-Artifacts in ``<run>/prune/``: ``mask.safetensors`` (bit-packed, True = pruned; :mod:`hsr_lib.masks`),
-``weights.safetensors`` (SparseGPT only: the updated weights of every pruned module), ``sparsity.csv``
-(per module, per layer, total), ``summary.json`` and, with ``pruning.save_model``, ``model/``.
-:func:`build_pruned` rebuilds the pruned model from the dense checkpoint plus these artifacts.
+Pure: a model and samples in, masks (and SparseGPT's updated weights) out; :func:`apply_pruning`
+puts masks on a dense model. The step that stores them for a run is :mod:`hsr_lib.steps.prune`.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .calibration import Calibration, _progress, build, layer_linears, layer_on_device, load_for_calibration, run_layer
+from .calibration import Calibration, build, layer_linears, layer_on_device, run_layer
 from .data import Sample
-from .io import atomic_write_json, atomic_write_text, read_json
-from .masks import atomic_save_safetensors, load_masks, mask_metadata, mask_shapes, save_masks
-from .models import LoadedModel, load_from_params
-from .prompts import encode_prompt
-from .runs import Run
+from .models import LoadedModel
+from .progress import maybe
 from .scores import InputStats, check_method, snip_score, wanda_score
 from .snip import abs_gradients
-from .sparsegpt import inverse_cholesky, parse_pattern, sparsegpt_prune
-
-
-def check_sparsity(sparsity: float, pattern: str) -> tuple[int, int] | None:
-    """Refuse a sparsity outside [0, 1) or one that does not match an N:M pattern; the parsed pattern."""
-    nm = parse_pattern(pattern)
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"pruning sparsity must be in [0, 1) (got {sparsity})")
-    if nm is not None and abs(sparsity - nm[0] / nm[1]) > 1e-9:
-        raise ValueError(f"pruning pattern {pattern!r} needs sparsity {nm[0] / nm[1]} (got {sparsity})")
-    return nm
+from .sparsegpt import inverse_cholesky, sparsegpt_prune
+from .sparsity import check_divisible, check_sparsity
 
 
 def prune_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured") -> torch.Tensor:
@@ -61,9 +44,7 @@ def prune_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructur
             below, tie = scores < kth, scores == kth
             mask = below | (tie & (tie.cumsum(1) <= k - below.sum(1, keepdim=True)))
         return mask
-    n, m = nm
-    if cols % m:
-        raise ValueError(f"pattern {pattern!r} needs in_features ({cols}) divisible by {m}")
+    n, m = check_divisible(pattern, cols)
     order = torch.argsort(scores.reshape(rows, cols // m, m), dim=2, stable=True)[..., :n]
     return mask.view(rows, cols // m, m).scatter_(2, order, True).view(rows, cols)
 
@@ -125,7 +106,7 @@ def prune_model(lm: LoadedModel, samples: Sequence[Sample], method: str = "wanda
             _zero(lin, masks[name])
             res.masks[name] = masks[name].cpu()
         return res
-    for i in _progress(range(n_layers), progress, desc=f"prune {method}"):
+    for i in maybe(range(n_layers), progress, desc=f"prune {method}"):
         more = i < n_layers - 1  # the last layer's outputs feed nothing
         if method == "snip":
             grads = abs_gradients(lm, cal, layers=[i], offload=offload, progress=False)
@@ -166,74 +147,6 @@ def sparsity_report(lm: LoadedModel, masks: dict[str, torch.Tensor]):
     return out.assign(sparsity=out.pruned / out.numel)
 
 
-def prune_step(run: Run, lm: LoadedModel | None = None, progress: bool = True) -> dict:
-    """The prune step on the utility calibration set; returns its summary (reused when done)."""
-    from .datastep import prepare_data
-
-    P, pp = run.params, run.params.pruning
-    check_method(pp.method)
-    check_sparsity(pp.sparsity, pp.pattern)
-    sets = prepare_data(run)
-    if run.is_done("prune"):
-        return read_json(run.step_dir("prune") / "summary.json")
-    samples = sets.load("scores_utility")
-    lm = lm or load_for_calibration(P)
-    with run.step("prune") as d:
-        t0 = time.perf_counter()
-        res = prune_model(lm, samples, pp.method, pp.sparsity, pp.pattern, P.fidelity, pp.sequential, pp.blocksize,
-                          pp.percdamp, P.scores.batch_size, P.scores.offload_layers, progress)
-        wall = round(time.perf_counter() - t0, 3)
-        meta = {"method": pp.method, "pattern": pp.pattern, "sparsity": str(pp.sparsity),
-                "sequential": str(pp.sequential), "fidelity": P.fidelity, "model": P.model.name}
-        save_masks(d / "mask.safetensors", res.masks, {**meta, "true_means": "pruned"})
-        if res.weights:
-            atomic_save_safetensors(d / "weights.safetensors", res.weights, meta)
-        else:
-            (d / "weights.safetensors").unlink(missing_ok=True)
-        report = sparsity_report(lm, res.masks)
-        atomic_write_text(d / "sparsity.csv", report.to_csv(index=False))
-        raised = {k: v for k, v in res.damping.items() if v != pp.percdamp}
-        summary = {**meta, "sparsity": pp.sparsity, "sequential": pp.sequential, "n_samples": len(samples),
-                   "ids": [s.id for s in samples], "wall_s": wall,
-                   "sparsity_reached": float(report[report.level == "total"].sparsity.iloc[0]),
-                   "weights_file": bool(res.weights), "damping_raised": raised}
-        if pp.save_model:
-            _save_dir(lm, d / "model")
-            summary["model_dir"] = str(d / "model")
-        atomic_write_json(d / "summary.json", summary)
-    return summary
-
-
-def _save_dir(lm: LoadedModel, path: Path) -> Path:
-    """Save ``lm`` as an HF model directory via a temporary sibling folder and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
-
-
-def _prune_file(run: Run, name: str) -> Path:
-    path = run.step_dir("prune") / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no pruning artifacts; run the prune step (notebook 04) first")
-    return path
-
-
-def load_mask(run: Run, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """The pruned model's actual mask P (True = pruned), per module ``layers.{i}.{module}``."""
-    return load_masks(_prune_file(run, "mask.safetensors"), list(keys) if keys is not None else None)
-
-
-def load_pruned_weights(run: Run) -> dict[str, torch.Tensor]:
-    """SparseGPT's updated weights per module ({} for Wanda and SNIP, whose survivors keep dense values)."""
-    from safetensors.torch import load_file
-
-    path = run.step_dir("prune") / "weights.safetensors"
-    return load_file(str(path)) if path.exists() else {}
-
-
 @torch.no_grad()
 def apply_pruning(lm: LoadedModel, masks: dict[str, torch.Tensor],
                   weights: dict[str, torch.Tensor] | None = None) -> LoadedModel:
@@ -248,43 +161,3 @@ def apply_pruning(lm: LoadedModel, masks: dict[str, torch.Tensor],
             W.copy_(weights[name].to(W.device, W.dtype))
         W.masked_fill_(mask.to(W.device), 0)
     return lm
-
-
-def build_pruned(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
-    """The pruned model: the dense checkpoint of ``run.params`` (or ``lm``, modified in place) plus
-    the run's prune artifacts."""
-    meta = mask_metadata(_prune_file(run, "mask.safetensors"))
-    if meta.get("model") not in (None, run.params.model.name):
-        raise ValueError(f"the run's mask was made for {meta['model']!r}, not {run.params.model.name!r}")
-    lm = lm or load_from_params(run.params)
-    weights = load_pruned_weights(run)
-    for name in mask_shapes(_prune_file(run, "mask.safetensors")):  # one module's mask unpacked at a time
-        apply_pruning(lm, load_mask(run, [name]), {name: weights[name]} if name in weights else None)
-    return lm
-
-
-def save_pruned(run: Run, path: str | os.PathLike | None = None) -> Path:
-    """Rebuild the pruned model and save it as an HF model directory (default ``<run>/prune/model``)."""
-    return _save_dir(build_pruned(run), Path(path) if path else run.step_dir("prune") / "model")
-
-
-def heldout_utility(run: Run, n: int = 8) -> list[Sample]:
-    """Up to ``n`` utility samples that pruning did not calibrate on (for held-out loss)."""
-    from .datastep import prepare_data
-
-    sets = prepare_data(run)
-    used = {s.id for s in sets.load("scores_utility")}
-    return [s for s in sets.load("utility") if s.id not in used][:n]
-
-
-@torch.no_grad()
-def greedy_answers(lm: LoadedModel, samples: Sequence[Sample], max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers of ``lm`` to the samples' prompts, one at a time (a before/after look)."""
-    tok = lm.processor.tokenizer
-    out = []
-    for s in samples:
-        enc = encode_prompt(lm.processor, s, lm.adapter, lm.device)
-        ids = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        out.append(tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    return out

@@ -16,9 +16,8 @@ from typing import Iterable
 
 import torch
 
-from .adapters import Geometry
-
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+from .adapters import ATTN_PARTS, Geometry
+from .prune import prune_mask
 
 
 def top_fraction(X: torch.Tensor, f: float) -> torch.Tensor:
@@ -73,7 +72,7 @@ def head_region(kind: str, shape: tuple[int, int], geo: Geometry, heads: Iterabl
     out_f, in_f = shape
     heads = sorted(set(heads))
     region = torch.zeros(shape, dtype=torch.bool, device=device)
-    if kind not in ATTN:
+    if kind not in ATTN_PARTS:
         return region  # MLP linears are never restored
     if mode == "paper":
         for h in heads:
@@ -102,8 +101,6 @@ def head_region(kind: str, shape: tuple[int, int], geo: Geometry, heads: Iterabl
 def rederived_mask(U: torch.Tensor, sparsity: float) -> torch.Tensor:
     """The released code's base mask: the pruning rule re-applied to the dense utility scores,
     per output row the int(in·s) lowest (stable ascending sort), unstructured."""
-    from .prune import prune_mask  # imported here: prune → scores → realign would be circular
-
     return prune_mask(U, sparsity, "unstructured")
 
 

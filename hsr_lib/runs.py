@@ -1,37 +1,72 @@
-"""The run directory: resolved params, a manifest, and cached steps (DESIGN §2, §12).
+"""The run directory (DESIGN §14): artifacts of one model on one data set, keyed by what made them.
 
-``<runs_dir>/<run_name>/`` holds ``params.yaml`` (resolved, absolute paths), ``manifest.json``
-(package versions, git commit, device, per-step wall time) and one folder per step. A step is
-skipped when its fingerprint (its params sections plus its upstream steps' fingerprints plus
-its input files) matches the one recorded when it last finished; changing a param re-runs that
-step and every step after it.
+``<runs_dir>/<run_name>/`` holds ``params.yaml`` (the resolved params of the last start),
+``manifest.json`` (package versions, git commit, device, wall time per step key) and one folder
+per step, ``<step>/<key>/``, where the key is the step's main settings plus a short hash of
+everything that determines it (:class:`Spec`): the params it reads and its upstream artifacts'
+fingerprints. Settings therefore coexist, and each is computed once. A step works in
+``<step>/.<key>.partial/`` and the folder gets its key only when the step finishes, with a
+``_step.json`` marker inside (fingerprint, wall time); a crash leaves the partial folder, whose
+saved progress the next attempt resumes from.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import shutil
 import subprocess
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from .io import atomic_write_json, read_json, stable_hash
 from .params import Params, load_params
 
-# step -> (upstream steps, params sections its result depends on)
-STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "data": ((), ("data",)),
-    "ships": (("data",), ("model", "seed", "fidelity", "ships")),
-    "scores": (("data",), ("model", "seed", "fidelity", "scores", "pruning.method", "pruning.percdamp")),
-    "prune": (("data", "scores"), ("model", "seed", "fidelity", "pruning")),
-    "realign": (("ships", "scores", "prune"), ("fidelity", "realign")),
-    "evaluate": (("prune", "realign"), ("model", "seed", "eval")),
-}
 MARKER = "_step.json"
+STEP_NAMES = ("data", "ships", "scores", "prune", "realign", "evaluate")
 PATH_KEYS = ("runs_dir", "data.vlguard_root", "data.image_root", "eval.llm_judge_path")
+HASH_LEN = 10
+
+
+@dataclass(eq=False)
+class Spec:
+    """What determines one keyed artifact folder: the step, a readable label of its main settings,
+    the values it ``reads`` (params and input-file fingerprints, never the device) and the specs
+    of the ``upstream`` artifacts it reads. ``needs`` are steps that must have run but whose
+    content enters through ``reads`` (the data samples). ``params`` and ``runner`` say how to
+    make it when it is missing."""
+
+    step: str
+    label: str
+    reads: Mapping[str, Any]
+    upstream: tuple["Spec", ...] = ()
+    needs: tuple["Spec", ...] = ()
+    params: Params | None = field(default=None, repr=False)
+    runner: Callable[..., Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.step not in STEP_NAMES:
+            raise KeyError(f"unknown step {self.step!r}; steps: {', '.join(STEP_NAMES)}")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return stable_hash({"step": self.step, "reads": self.reads,
+                            "upstream": {f"{u.step}/{u.label}": u.fingerprint for u in self.upstream}})
+
+    @property
+    def key(self) -> str:
+        """The folder name: ``<label>-<hash>``."""
+        return f"{self.label}-{self.fingerprint[:HASH_LEN]}"
+
+    @property
+    def where(self) -> str:
+        """``<step>/<key>``, as messages name it."""
+        return f"{self.step}/{self.key}"
 
 
 def resolve_paths(P: Params, base: str | Path | None = None) -> Params:
@@ -94,7 +129,7 @@ class Run:
 
     def __init__(self, params: Params, directory: Path):
         self.params = params
-        self.dir = directory
+        self.dir = Path(directory)
 
     @classmethod
     def open(cls, params: Params, base: str | Path | None = None) -> "Run":
@@ -112,6 +147,10 @@ class Run:
         atomic_write_json(run.dir / "manifest.json", manifest)
         return run
 
+    def using(self, params: Params) -> "Run":
+        """The same run directory seen with other params (nothing is written)."""
+        return Run(params, self.dir)
+
     @property
     def params_path(self) -> Path:
         return self.dir / "params.yaml"
@@ -127,38 +166,45 @@ class Run:
         m["updated"] = _now()
         atomic_write_json(self.dir / "manifest.json", m)
 
-    def step_dir(self, step: str) -> Path:
-        if step not in STEPS:
-            raise KeyError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
-        return self.dir / step
+    def path(self, spec: Spec) -> Path:
+        """The keyed folder of ``spec`` (it exists once the step has finished)."""
+        return self.dir / spec.step / spec.key
 
-    def fingerprint(self, step: str, inputs: dict[str, Any] | None = None) -> str:
-        """Hash of the step's params sections, its upstream fingerprints and ``inputs``."""
-        upstream, sections = STEPS[step]
-        ups = {u: self.recorded(u).get("fingerprint") for u in upstream}
-        return stable_hash({"params": self.params.fingerprint(*sections), "upstream": ups, "inputs": inputs or {}})
+    def staging(self, spec: Spec) -> Path:
+        """Where the step works until it finishes: ``<step>/.<key>.partial``."""
+        return self.dir / spec.step / f".{spec.key}.partial"
 
-    def recorded(self, step: str) -> dict[str, Any]:
-        """The marker of the step's last successful finish ({} when none)."""
-        path = self.step_dir(step) / MARKER
-        return read_json(path) if path.exists() else {}
+    def recorded(self, spec: Spec) -> dict[str, Any]:
+        """The marker of the finished folder ({} when there is none)."""
+        path = self.path(spec) / MARKER
+        return read_json(path) if path.is_file() else {}
 
-    def is_done(self, step: str, inputs: dict[str, Any] | None = None) -> bool:
-        """True when the step finished with the params and inputs it would use now."""
-        rec = self.recorded(step)
-        return bool(rec) and rec.get("fingerprint") == self.fingerprint(step, inputs)
+    def is_done(self, spec: Spec) -> bool:
+        """True when the keyed folder exists, finished, with this fingerprint."""
+        return self.recorded(spec).get("fingerprint") == spec.fingerprint
+
+    def keys(self, step: str) -> list[str]:
+        """The finished keys of ``step`` in this run directory, sorted."""
+        d = self.dir / step
+        return sorted(p.name for p in d.iterdir() if (p / MARKER).is_file()) if d.is_dir() else []
 
     @contextmanager
-    def step(self, step: str, inputs: dict[str, Any] | None = None) -> Iterator[Path]:
-        """Run a step's body in its folder; on success record its fingerprint and wall time.
-
-        The old marker is removed first, so a crash leaves the step marked as not done."""
-        d = self.step_dir(step)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / MARKER).unlink(missing_ok=True)
-        fp = self.fingerprint(step, inputs)
+    def step(self, spec: Spec) -> Iterator[Path]:
+        """Run a step's body in its staging folder; on success record the marker and move the
+        folder to its key. A failure leaves the staging folder (and its saved progress) behind."""
+        stage = self.staging(spec)
+        stage.mkdir(parents=True, exist_ok=True)
+        (stage / MARKER).unlink(missing_ok=True)
         t0 = time.perf_counter()
-        yield d
+        yield stage
         wall = round(time.perf_counter() - t0, 3)
-        atomic_write_json(d / MARKER, {"fingerprint": fp, "wall_s": wall, "finished": _now()})
-        self.update_manifest("steps", step, {"wall_s": wall, "fingerprint": fp, "finished": _now()})
+        record = {"step": spec.step, "key": spec.key, "fingerprint": spec.fingerprint, "wall_s": wall,
+                  "finished": _now(), "reads": spec.reads,
+                  "upstream": {u.step: u.key for u in spec.upstream}}
+        atomic_write_json(stage / MARKER, record)
+        final = self.path(spec)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+        self.update_manifest("steps", spec.where, {"wall_s": wall, "fingerprint": spec.fingerprint,
+                                                   "finished": record["finished"]})

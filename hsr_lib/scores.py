@@ -8,30 +8,24 @@ For W ∈ R^{out×in} with inputs x at the response positions of N calibration s
 * SNIP: ``|W| · Σ_n |∂L_n/∂W|``, ``L_n`` the mean cross-entropy over sample n's response
   positions (:mod:`hsr_lib.snip`).
 
-Scores are computed on the safety set (S) and the utility set (U) and stored in
-``<run>/scores/<method>_<safety|utility>.safetensors``, one tensor per module keyed
-``layers.{i}.{module}``; :func:`load_scores` reads them back (lazily, a subset of keys if asked).
+Pure: a model and samples in, one fp32 tensor per prunable linear (``layers.{i}.{module}``) out.
+The step that stores them for a run is :mod:`hsr_lib.steps.scores`.
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .calibration import _progress, build, layer_linears, layer_on_device, load_for_calibration, run_layer
+from .calibration import build, layer_linears, layer_on_device, run_layer
 from .data import Sample
-from .io import atomic_write_json, read_json
-from .masks import atomic_save_safetensors
-from .models import DTYPES, LoadedModel
-from .runs import Run
+from .models import LoadedModel
+from .progress import maybe
 from .snip import abs_gradients
 from .sparsegpt import inverse_diagonal
 
 METHODS = ("wanda", "sparsegpt", "snip")
-SETS = ("safety", "utility")
 
 
 def check_method(method: str) -> str:
@@ -122,7 +116,7 @@ def compute_scores(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence
     stats_methods = [m for m in methods if m != "snip"]
     if stats_methods:
         cal = build(lm, samples, fidelity, batch_size, progress, desc=f"cache{tag}")
-        for i in _progress(range(n_layers), progress, desc=f"{'/'.join(stats_methods)} layers{tag}"):
+        for i in maybe(range(n_layers), progress, desc=f"{'/'.join(stats_methods)} layers{tag}"):
             with layer_on_device(lm, i, offload):
                 stats = InputStats(sq="wanda" in methods, xtx="sparsegpt" in methods)
                 more = i < n_layers - 1  # the last layer's outputs feed nothing
@@ -144,92 +138,7 @@ def compute_scores(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence
     return out
 
 
-def score_methods(P) -> list[str]:
-    """The methods a run scores: ``pruning.method`` plus ``scores.methods``, in :data:`METHODS` order."""
-    wanted = {P.pruning.method, *P.scores.methods}
+def score_methods(pruning_method: str, extra: Sequence[str] = ()) -> list[str]:
+    """The methods a run scores: the pruning method plus ``extra``, in :data:`METHODS` order."""
+    wanted = {check_method(pruning_method), *(check_method(m) for m in extra)}
     return [m for m in METHODS if m in wanted]
-
-
-def scores_path(run: Run, which: str, method: str) -> Path:
-    """``<run>/scores/<method>_<which>.safetensors``."""
-    if which not in SETS:
-        raise ValueError(f"unknown score set {which!r}; sets: {', '.join(SETS)}")
-    return run.step_dir("scores") / f"{check_method(method)}_{which}.safetensors"
-
-
-def score_step(run: Run, lm: LoadedModel | None = None, progress: bool = True) -> dict:
-    """The scores step: S and U for every method of :func:`score_methods`; returns its summary.
-
-    Reuses the artifacts when the step is done with the same params and data; ``lm`` (the dense
-    model) is loaded when needed and not given."""
-    from .datastep import prepare_data
-
-    P = run.params
-    methods = score_methods(P)
-    inputs = {"methods": methods}
-    sets = prepare_data(run)
-    if run.is_done("scores", inputs):
-        return read_json(run.step_dir("scores") / "summary.json")
-    lm = lm or load_for_calibration(P)
-    with run.step("scores", inputs) as d:
-        summary: dict = {"methods": methods, "fidelity": P.fidelity, "model": P.model.name,
-                         "dtype": P.scores.save_dtype, "percdamp": P.pruning.percdamp, "sets": {}, "files": {}}
-        for which in SETS:
-            samples = sets.load(f"scores_{which}")
-            t0 = time.perf_counter()
-            res = compute_scores(lm, samples, methods, P.fidelity, P.scores.batch_size, P.pruning.percdamp,
-                                 P.scores.offload_layers, progress, DTYPES[P.scores.save_dtype], desc=which)
-            meta = {"set": which, "fidelity": P.fidelity, "model": P.model.name, "n_samples": str(len(samples))}
-            for m, sc in res.items():
-                path = scores_path(run, which, m)
-                atomic_save_safetensors(path, sc, {**meta, "method": m})
-                summary["files"][f"{m}_{which}"] = path.name
-            summary["sets"][which] = {"n_samples": len(samples), "ids": [s.id for s in samples],
-                                      "wall_s": round(time.perf_counter() - t0, 3)}
-        atomic_write_json(d / "summary.json", summary)
-    return summary
-
-
-def load_scores(run: Run, which: str, method: str | None = None,
-                keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Scores of set ``which`` ('safety' = S, 'utility' = U) for ``method`` (default: the pruning
-    method), every module or only ``keys``."""
-    from safetensors import safe_open
-
-    path = scores_path(run, which, method or run.params.pruning.method)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no scores; run the scores step (notebook 03) with this method first")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in (list(f.keys()) if keys is None else keys)}
-
-
-def overlap_table(S: dict[str, torch.Tensor], U: dict[str, torch.Tensor], q: float, p: float):
-    """Per module: the share of T(S, q), the top-q safety weights, that are also in T(U, p), the
-    top-p utility weights (DESIGN §9's T; ``p`` is what independent rankings would give)."""
-    import pandas as pd
-
-    from .realign import top_fraction
-
-    rows = []
-    for name, s in S.items():
-        ts, tu = top_fraction(s, q), top_fraction(U[name], p)
-        both = int((ts & tu).sum())
-        parts = name.split(".")
-        rows.append({"module": name, "layer": int(parts[1]), "kind": parts[-1], "top_q_safety": int(ts.sum()),
-                     "also_top_p_utility": both, "overlap": both / max(int(ts.sum()), 1), "chance": p})
-    return pd.DataFrame(rows)
-
-
-def describe_scores(scores: dict[str, torch.Tensor]):
-    """Per module: shape and quantiles of the scores (a table for notebook 03)."""
-    import pandas as pd
-
-    rows = []
-    for name, s in scores.items():
-        flat = s.flatten().float()
-        sample = flat[torch.linspace(0, flat.numel() - 1, min(flat.numel(), 100_000)).long()] if flat.numel() else flat
-        qs = torch.quantile(sample, torch.tensor([0.1, 0.5, 0.9])).tolist()
-        rows.append({"module": name, "layer": int(name.split(".")[1]), "kind": name.split(".")[-1],
-                     "shape": "×".join(map(str, s.shape)), "mean": float(flat.mean()), "p10": qs[0], "median": qs[1],
-                     "p90": qs[2], "max": float(flat.max()), "zeros": int((flat == 0).sum())})
-    return pd.DataFrame(rows)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 
@@ -140,21 +140,3 @@ def table(scores: Mapping[str, float], extra: Mapping[str, Mapping[str, float]] 
             row[name] = other.get(key, float("nan"))
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def heatmap(scores: Mapping[str, float], title: str = "", selected: Sequence[Head] = (), ax=None):
-    """A layer × head heatmap of the scores, selected heads outlined."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-    from matplotlib.patches import Rectangle
-
-    grid = to_grid(scores).numpy()
-    if ax is None:
-        _, ax = plt.subplots(figsize=(min(14, 2 + 0.35 * grid.shape[1]), min(10, 1.5 + 0.3 * grid.shape[0])))
-    sns.heatmap(grid, ax=ax, cmap="magma", cbar_kws={"label": "score"})
-    for (l, h) in selected:
-        ax.add_patch(Rectangle((h, l), 1, 1, fill=False, edgecolor="cyan", lw=2))
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    return ax

@@ -23,8 +23,9 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .calibration import Calibration, _progress, layer_linears, layer_on_device, loss_positions
+from .calibration import Calibration, layer_linears, layer_on_device, loss_positions
 from .models import LoadedModel
+from .progress import maybe
 
 
 def _out(x):
@@ -45,7 +46,7 @@ def abs_gradients(lm: LoadedModel, cal: Calibration, layers: Iterable[int] | Non
     lowest = min(collect)
     stash = [[b.hidden] for b in cal.batches]
     with torch.no_grad():
-        for i in _progress(range(start, n_layers), progress, desc="SNIP forward", leave=False):
+        for i in maybe(range(start, n_layers), progress, desc="SNIP forward", leave=False):
             with layer_on_device(lm, i, offload) as layer:
                 for b, kept in zip(cal.batches, stash):
                     kw = b.kwargs[i]
@@ -60,7 +61,7 @@ def abs_gradients(lm: LoadedModel, cal: Calibration, layers: Iterable[int] | Non
             (g,) = torch.autograd.grad(F.cross_entropy(logits, target), h)
         grads.append(g)
     acc: dict[str, torch.Tensor] = {}
-    for i in _progress(range(n_layers - 1, lowest - 1, -1), progress, desc="SNIP backward", leave=False):
+    for i in maybe(range(n_layers - 1, lowest - 1, -1), progress, desc="SNIP backward", leave=False):
         with layer_on_device(lm, i, offload) as layer:
             lins = layer_linears(lm, i) if i in collect else {}
             weights = [lin.weight for lin in lins.values()]

@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from .sparsity import check_sparsity
+
 
 def _prepared(H: torch.Tensor) -> torch.Tensor:
     """fp32 copy of ``H`` with dead inputs' diagonal set to 1."""
@@ -71,19 +73,6 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, name: str = "") ->
     return torch.linalg.solve_triangular(R, eye, upper=True), pd
 
 
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """None for 'unstructured', ``(N, M)`` for 'N:M' with 0 < N < M; ValueError otherwise."""
-    if pattern == "unstructured":
-        return None
-    try:
-        n, m = (int(x) for x in pattern.split(":"))
-    except ValueError:
-        n = m = 0
-    if not 0 < n < m:
-        raise ValueError(f"pruning pattern {pattern!r}: use 'unstructured' or 'N:M' with integers 0 < N < M")
-    return n, m
-
-
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float, pattern: str = "unstructured",
                     blocksize: int = 128, percdamp: float = 0.01, name: str = "",
@@ -93,16 +82,11 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float, pa
 
     Returns the new weights (``W``'s dtype; pruned entries exactly zero, survivors updated),
     the mask (True = pruned) and the damping fraction actually used."""
-    nm = parse_pattern(pattern)
+    nm = check_sparsity(sparsity, pattern)
     rows, cols = W.shape
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1) (got {sparsity})")
-    if nm is not None:
-        if abs(sparsity - nm[0] / nm[1]) > 1e-9:
-            raise ValueError(f"pattern {pattern!r} needs sparsity {nm[0] / nm[1]} (got {sparsity})")
-        if cols % nm[1] or blocksize % nm[1]:
-            raise ValueError(f"{name}: pattern {pattern!r} needs in_features ({cols}) and blocksize ({blocksize}) "
-                             f"divisible by {nm[1]}")
+    if nm is not None and (cols % nm[1] or blocksize % nm[1]):
+        raise ValueError(f"{name}: pattern {pattern!r} needs in_features ({cols}) and blocksize ({blocksize}) "
+                         f"divisible by {nm[1]}")
     Hinv, pd = hinv if hinv is not None else inverse_cholesky(H, percdamp, name)
     Hinv = Hinv.to(W.device)
     dtype = W.dtype

@@ -18,6 +18,7 @@ import torch
 
 from ..io import atomic_write_jsonl, read_jsonl
 from ..models import LoadedModel
+from ..progress import progress as progress_bar
 from ..prompts import encode, prompt_text
 from .items import EvalItem
 
@@ -83,11 +84,9 @@ def generate_batch(lm: LoadedModel, items: Sequence[EvalItem], max_new_tokens: i
 def generate_responses(lm: LoadedModel, items: Sequence[EvalItem], variant: str, store: ResponseStore,
                        max_new_tokens: int, batch_size: int, progress: bool = True) -> list[dict[str, Any]]:
     """Answer every item not yet in ``store`` and return all rows of ``items`` in order."""
-    from tqdm.auto import tqdm
-
     todo = store.missing(items)
     bench = items[0].benchmark if items else ""
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{variant} · {bench}", disable=not progress,
+    with progress_bar(total=len(items), initial=len(items) - len(todo), desc=f"{variant} · {bench}", disable=not progress,
               leave=False) as bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]

@@ -3,29 +3,28 @@
 
 Columns: ``model, method, hsr, safebench_asr, ch3ef_asr, avg_asr, rsr_percent, mmbench, docvqa,
 restored_ratio_permyriad``; ASR and utility in %, ``avg_asr`` the mean of the two ASRs, RSR from
-:func:`~.metrics.rsr` on ``avg_asr``, the restored ratio in ‱ (from the realignment step).
+:func:`~.metrics.rsr` on ``avg_asr`` (for every realigned variant, against the pruned and dense
+rows), the restored ratio in ‱ (from the realignment step).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
-from ..io import read_json
-from ..runs import Run
+from ..reference import paper_table as reference_table
 from .metrics import mean_or_none, metric_value, rsr
 
 COLUMNS = ("model", "method", "hsr", "safebench_asr", "ch3ef_asr", "avg_asr", "rsr_percent", "mmbench", "docvqa",
            "restored_ratio_permyriad")
 
-PAPER_MAIN = Path(__file__).resolve().parent.parent / "reference_data" / "paper" / "main_results_qwen2.5-vl.csv"
+BASE_VARIANTS = ("dense", "pruned")
 
 
 def paper_table() -> pd.DataFrame:
     """The paper's main table (Qwen2.5-VL, 50% sparsity), from the package's copy of the paper's numbers."""
-    return pd.read_csv(PAPER_MAIN)
+    return reference_table("main")
 
 
 def paper_rows(method: str) -> pd.DataFrame:
@@ -34,29 +33,11 @@ def paper_rows(method: str) -> pd.DataFrame:
     return t[(t["method"] == "full") | (t["method"] == method)].reset_index(drop=True)
 
 
-def restored_ratio(run: Run) -> float | None:
-    """The restored ratio (‱) the realignment step recorded, or None while there is none.
-
-    Looks for a ``restored_ratio_permyriad`` number in the JSON files of ``<run>/realign/``
-    (written by the realignment issue; nothing is invented when it is absent)."""
-    folder = run.step_dir("realign")
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = read_json(path)
-        except ValueError:
-            continue
-        value = data.get("restored_ratio_permyriad") if isinstance(data, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
-
-
 def results_table(summary: pd.DataFrame, status: Sequence[dict[str, Any]], model: str, method: str,
-                  judge: str, ratio: float | None = None) -> pd.DataFrame:
-    """This run's dense / pruned / realigned rows in the paper's layout, plus ``variant`` and ``status``.
-
-    ASRs use ``judge`` on SafeBench (Ch3Ef is multiple choice); a variant that was not evaluated
-    keeps empty cells and says why in ``status``."""
+                  judge: str) -> pd.DataFrame:
+    """One row per evaluated variant (``status`` rows: variant, restored_ratio_permyriad) in the
+    paper's layout, plus ``variant``. ASRs use ``judge`` on SafeBench (Ch3Ef is multiple choice);
+    ``hsr`` marks the HSR variant, the one the paper's HSR rows describe."""
     rows, avg = [], {}
     for st in status:
         v = st["variant"]
@@ -66,18 +47,23 @@ def results_table(summary: pd.DataFrame, status: Sequence[dict[str, Any]], model
         mmb = metric_value(summary, v, "mmbench", "circular_accuracy")
         mmb = metric_value(summary, v, "mmbench", "accuracy") if mmb is None else mmb
         rows.append({"variant": v, "model": model, "method": "full" if v == "dense" else method,
-                     "hsr": v == "realigned", "safebench_asr": sb, "ch3ef_asr": ch, "avg_asr": avg[v],
+                     "hsr": v == "hsr", "safebench_asr": sb, "ch3ef_asr": ch, "avg_asr": avg[v],
                      "rsr_percent": None, "mmbench": mmb, "docvqa": metric_value(summary, v, "docvqa", "anls"),
-                     "restored_ratio_permyriad": ratio if v == "realigned" else None, "status": st["status"]})
+                     "restored_ratio_permyriad": st.get("restored_ratio_permyriad")})
     for r in rows:
-        if r["variant"] == "realigned":
-            r["rsr_percent"] = rsr(avg.get("pruned"), avg.get("realigned"), avg.get("dense"))
-    return pd.DataFrame(rows, columns=["variant", *COLUMNS, "status"])
+        if r["variant"] not in BASE_VARIANTS:
+            r["rsr_percent"] = rsr(avg.get("pruned"), avg[r["variant"]], avg.get("dense"))
+    return pd.DataFrame(rows, columns=["variant", *COLUMNS])
 
 
 def side_by_side(ours: pd.DataFrame, method: str) -> pd.DataFrame:
     """This run's table above the paper's rows for the same pruning method, with a ``source`` column."""
-    a = ours.drop(columns=["status"]).assign(source="this run")
+    a = ours.assign(source="this run")
     b = paper_rows(method).assign(source="paper")
-    b["variant"] = ["dense" if m == "full" else "realigned" if h else "pruned" for m, h in zip(b["method"], b["hsr"])]
+    b["variant"] = paper_variants(b)
     return pd.concat([a, b], ignore_index=True)[["source", "variant", *COLUMNS]]
+
+
+def paper_variants(rows: pd.DataFrame) -> list[str]:
+    """The variant each of the paper's rows describes: dense (full), pruned, or hsr."""
+    return ["dense" if m == "full" else "hsr" if h else "pruned" for m, h in zip(rows["method"], rows["hsr"])]

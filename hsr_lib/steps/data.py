@@ -1,0 +1,133 @@
+"""The data step (notebook 01): VLGuard (or the synthetic stand-in) → the three sets and the
+seeded samples that Ships and the importance scores use, saved as JSONL in
+``data/<synthetic|vlguard>-<hash>/`` (DESIGN §4).
+
+Downstream steps do not take this step's whole fingerprint: each takes the fingerprint of the
+one sample it reads (:func:`sample_fingerprint`), so changing ``data.n_scores`` leaves Ships alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data import (SPLITS, Sample, check_images, load_records, load_samples, resolve_vlguard, sample,
+                    save_samples, split_records)
+from ..io import atomic_write_json, file_hash, stable_hash
+from ..params import Params
+from ..runs import Run, Spec
+from ..synthetic import make_synthetic_vlguard
+from .base import Result, finished
+
+NAME = "data"
+# sample file -> (split it is drawn from, params key of n, params key of the seed)
+SAMPLES: dict[str, tuple[str, str, str]] = {
+    "ships_safety": ("safety", "n_ships", "seed_ships"),
+    "scores_safety": ("safety", "n_scores", "seed_scores"),
+    "scores_utility": ("utility", "n_scores", "seed_scores"),
+}
+SYNTHETIC_SEED = 0
+
+
+@dataclass
+class DataSets(Result):
+    """The saved sets of a run: full splits and the seeded samples."""
+
+    def load(self, name: str) -> list[Sample]:
+        """A split ('safety', 'utility', 'safe_unsafe') or a sample ('ships_safety', ...)."""
+        if name not in (*SPLITS, *SAMPLES):
+            raise KeyError(f"unknown set {name!r}; sets: {', '.join((*SPLITS, *SAMPLES))}")
+        return load_samples(self.dir / f"{name}.jsonl")
+
+
+@functools.lru_cache(maxsize=16)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    return file_hash(path)
+
+
+def source(P: Params, run_dir: Path | None = None) -> tuple[Path | None, Path | None, dict[str, Any]]:
+    """``(train.json, image root, what fingerprints them)``; for synthetic data the paths are
+    those inside ``run_dir`` (None without one)."""
+    d = P.data
+    if d.vlguard_root is None:
+        root = None if run_dir is None else synthetic_dir(run_dir, d.n_synthetic)
+        return (None if root is None else root / "train.json"), root, {"synthetic": d.n_synthetic,
+                                                                         "seed": SYNTHETIC_SEED}
+    train_json, image_root = resolve_vlguard(d.vlguard_root, d.train_json, d.image_root)
+    st = train_json.stat()
+    return train_json, image_root, {"train_json": _file_hash(str(train_json), st.st_size, st.st_mtime_ns),
+                                    "image_root": str(image_root)}
+
+
+def synthetic_dir(run_dir: Path, n_records: int) -> Path:
+    """Where a run keeps its generated VLGuard-shaped set."""
+    return Path(run_dir) / NAME / f"synthetic-vlguard-n{n_records}"
+
+
+def sample_fingerprint(P: Params, name: str) -> str:
+    """The fingerprint of one sample's content: its source, size and seed."""
+    split, n_key, seed_key = SAMPLES[name]
+    return stable_hash({"source": source(P)[2], "split": split, "n": getattr(P.data, n_key),
+                        "seed": getattr(P.data, seed_key)})
+
+
+def spec(P: Params) -> Spec:
+    """The data step's key: the source and every sample's size and seed."""
+    d = P.data
+    reads = {"source": source(P)[2], **{k: getattr(d, k) for k in ("n_ships", "seed_ships", "n_scores",
+                                                                   "seed_scores")}}
+    return Spec(NAME, "synthetic" if d.vlguard_root is None else "vlguard", reads, params=P, runner=run)
+
+
+def load(run: Run) -> DataSets:
+    """The finished data step of ``run``'s params."""
+    s = spec(run.params)
+    d, summary = finished(run, s, "data")
+    return DataSets(d, s.key, summary)
+
+
+def _make_synthetic(root: Path, n_records: int) -> None:
+    """Generate the synthetic set into ``root`` once (into a hidden sibling, then renamed)."""
+    if (root / "train.json").is_file():
+        return
+    tmp = root.with_name(f".{root.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_synthetic_vlguard(tmp, n_records=n_records, seed=SYNTHETIC_SEED)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+
+
+def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> DataSets:
+    """Build (or reuse) the data step's artifacts for ``run``."""
+    s = spec(run.params)
+    if run.is_done(s):
+        return load(run)
+    d = run.params.data
+    train_json, image_root, _ = source(run.params, run.dir)
+    with run.step(s) as out:
+        if d.vlguard_root is None:
+            _make_synthetic(image_root, d.n_synthetic)
+        splits = split_records(load_records(train_json), image_root, source=train_json)
+        for name, items in splits.items():
+            save_samples(out / f"{name}.jsonl", items)
+        drawn = {}
+        for name, (split, n_key, seed_key) in SAMPLES.items():
+            items = sample(splits[split], getattr(d, n_key), getattr(d, seed_key))
+            check_images(items)
+            save_samples(out / f"{name}.jsonl", items)
+            drawn[name] = {"from": split, "n": len(items), "seed": getattr(d, seed_key),
+                           "ids": [x.id for x in items]}
+        summary = {
+            "source": "synthetic" if d.vlguard_root is None else str(train_json),
+            "train_json": str(train_json),
+            "image_root": str(image_root),
+            "n_records": sum(len(v) for k, v in splits.items() if k != "safe_unsafe"),
+            "splits": {k: len(v) for k, v in splits.items()},
+            "samples": drawn,
+        }
+        atomic_write_json(out / "summary.json", summary)
+    return load(run)

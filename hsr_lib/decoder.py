@@ -19,10 +19,6 @@ from torch import nn
 from .models import LoadedModel
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early once what it needs is recorded."""
-
-
 @dataclass
 class DecoderTrace:
     """Inputs of the decoder layers for one (batch of) input(s).
@@ -52,7 +48,10 @@ def trace(lm: LoadedModel, inputs, keep: str = "all") -> DecoderTrace:
     """Run ``lm`` on ``inputs`` once and record every decoder layer's inputs.
 
     keep: "all" keeps each layer's input hidden state; "first" keeps only the first layer's and
-    stops the forward there (what layer-by-layer calibration needs).
+    runs no decoder layer: each layer is replaced, for this one forward, by an identity that
+    records the keyword arguments the model hands it. Layers can receive different ones (a
+    sliding-window layer gets its own mask, Mllama skips cross-attention layers without images),
+    so they are recorded per layer, never copied from layer 0.
     """
     if keep not in ("all", "first"):
         raise ValueError(f"keep={keep!r}: use 'all' or 'first'")
@@ -62,41 +61,43 @@ def trace(lm: LoadedModel, inputs, keep: str = "all") -> DecoderTrace:
     kwargs: list[dict[str, Any] | None] = [None] * n
     out: dict[str, torch.Tensor] = {}
 
-    def pre_hook(i: int):
-        def hook(module, args, kw):
-            h = args[0] if args else kw["hidden_states"]
-            rest = {k: v for k, v in kw.items() if k != "hidden_states"}
-            rest.update(past_key_values=None, use_cache=False)
-            kwargs[i] = rest
-            if keep == "all" or i == 0:
-                hidden[i] = h
-            if keep == "first":
-                # later layers receive the same keyword arguments (masks, positions, cross states)
-                for j in range(1, n):
-                    kwargs[j] = rest if _runs(lm, j, rest) else None
-                raise _Stop
-        return hook
+    def record(i: int, args: tuple, kw: dict[str, Any]) -> torch.Tensor:
+        h = args[0] if args else kw["hidden_states"]
+        rest = {k: v for k, v in kw.items() if k != "hidden_states"}
+        rest.update({k: None for k in ("past_key_values", "cache") if k in rest}, use_cache=False)
+        kwargs[i] = rest
+        if keep == "all" or i == 0:
+            hidden[i] = h
+        return h
 
-    norm = lm.adapter.language_model(lm.model).norm
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(norm.register_forward_hook(lambda m, a, o: out.__setitem__("final", o)))
+    def identity(i: int):
+        def forward(*args, **kw):
+            return record(i, args, kw)
+        return forward
+
+    handles = []
+    if keep == "first":
+        for i, layer in enumerate(layers):
+            layer.forward = identity(i)  # an instance attribute: nn.Module.__call__ calls it
+    else:
+        def pre_hook(i: int):
+            def hook(module, args, kw) -> None:
+                record(i, args, kw)
+            return hook
+
+        handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        norm = lm.adapter.language_model(lm.model).norm
+        handles.append(norm.register_forward_hook(lambda m, a, o: out.__setitem__("final", o)))
     try:
         res = lm.model(**inputs, use_cache=False, logits_to_keep=1)
-        out["logits"] = res.logits[:, -1]
-    except _Stop:
-        pass
+        if keep == "all":
+            out["logits"] = res.logits[:, -1]
     finally:
         for h in handles:
             h.remove()
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
     return DecoderTrace(hidden, kwargs, out.get("final"), out.get("logits"))
-
-
-def _runs(lm: LoadedModel, layer: int, kw: dict[str, Any]) -> bool:
-    """Whether the model runs ``layer`` given the keyword arguments of the forward (Mllama skips
-    its cross-attention layers when there are no cross-attention states)."""
-    if layer in lm.geometry.cross_layers:
-        return kw.get("cross_attention_states") is not None
-    return True
 
 
 @torch.no_grad()

@@ -52,6 +52,53 @@ def synthetic_vlguard(tmp_path_factory):
     return tj, root, splits
 
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+TINY = ROOT / "params" / "tiny.yaml"
+# the library-level run the step tests share: tiny.yaml, smaller samples, short answers
+LIB_OVERRIDES = {"data.n_ships": 4, "data.n_scores": 4, "scores.methods": [], "eval.n_items": 2,
+                 "eval.max_new_tokens": 4, "eval.benchmarks": ["safebench", "mmbench", "vlguard_unsafe"],
+                 "eval.variants": ["dense", "pruned", "hsr"]}
+
+
+def only(folder):
+    """The one finished keyed folder under ``folder`` (e.g. ``<run>/prune``)."""
+    found = [p for p in folder.iterdir() if (p / "_step.json").is_file()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def lib_run(tmp_path_factory):
+    """A complete run through the library (data → evaluate), built once per session and shared
+    read-only: ``(params, run_dir)``. Tests that write take :func:`run_copy`."""
+    from hsr_lib import steps
+    from hsr_lib.params import load_params
+    from hsr_lib.runs import Run
+
+    runs = tmp_path_factory.mktemp("lib_runs")
+    run = Run.open(load_params(TINY, {"runs_dir": str(runs), "run_name": "lib", **LIB_OVERRIDES}), base=ROOT)
+    steps.evaluate.run(run, progress=False)
+    return run.params, run.dir
+
+
+@pytest.fixture
+def run_copy(lib_run, tmp_path):
+    """``run_copy(**overrides)`` → a Run on a private copy of :func:`lib_run`'s directory."""
+    import shutil
+
+    from hsr_lib.runs import Run
+
+    P, src = lib_run
+    dst = tmp_path / "runs" / "lib"
+    if not dst.exists():
+        shutil.copytree(src, dst)
+
+    def make(**overrides):
+        return Run(P.replace({"runs_dir": str(dst.parent), **overrides}), dst)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """``hsr run params/tiny.yaml`` end to end (every notebook), as the README says, into a

@@ -134,38 +134,37 @@ def _summary(values):
     return pd.DataFrame(rows)
 
 
-STATUS = [{"variant": "dense", "status": "evaluated"}, {"variant": "pruned", "status": "evaluated"},
-          {"variant": "realigned", "status": "evaluated"}]
+STATUS = [{"variant": "dense"}, {"variant": "pruned"}, {"variant": "hsr", "restored_ratio_permyriad": 0.02},
+          {"variant": "random_heads@1", "restored_ratio_permyriad": 0.03}]
 
 
 def test_results_table_in_the_papers_layout():
     vals = {}
-    for v, sb, ch in [("dense", 1.4, 2.35), ("pruned", 11.2, 17.74), ("realigned", 9.0, 13.03)]:
+    for v, sb, ch in [("dense", 1.4, 2.35), ("pruned", 11.2, 17.74), ("hsr", 9.0, 13.03),
+                      ("random_heads@1", 11.2, 17.74)]:
         vals[(v, "safebench", "asr", "vlguard")] = sb
         vals[(v, "safebench", "asr", "wei")] = 99.0
         vals[(v, "ch3ef", "asr", "choice")] = ch
         vals[(v, "mmbench", "accuracy", "")] = 80.0
         vals[(v, "docvqa", "anls", "")] = 90.0
-    t = results_table(_summary(vals), STATUS, "m", "wanda", "vlguard", 0.02)
-    assert list(t.columns) == ["variant", *paper_table().columns, "status"]
+    t = results_table(_summary(vals), STATUS, "m", "wanda", "vlguard")
+    assert list(t.columns) == ["variant", *paper_table().columns]
     r = t.set_index("variant")
-    assert r.loc["pruned", "avg_asr"] == pytest.approx(14.47) and r.loc["realigned", "hsr"]
-    assert r.loc["realigned", "rsr_percent"] == pytest.approx(27.4, abs=0.05)
-    assert r.loc["realigned", "restored_ratio_permyriad"] == 0.02
-    assert pd.isna(r.loc["pruned", "restored_ratio_permyriad"])
+    assert r.loc["pruned", "avg_asr"] == pytest.approx(14.47) and r.loc["hsr", "hsr"]
+    assert not r.loc["random_heads@1", "hsr"] and not r.loc["pruned", "hsr"]
+    assert r.loc["hsr", "rsr_percent"] == pytest.approx(27.4, abs=0.05)  # the paper's Qwen2.5-VL + Wanda row
+    assert r.loc["random_heads@1", "rsr_percent"] == pytest.approx(0.0)  # restored nothing of the lost safety
+    assert r.loc["hsr", "restored_ratio_permyriad"] == 0.02
+    assert pd.isna(r.loc["pruned", "restored_ratio_permyriad"]) and pd.isna(r.loc["dense", "rsr_percent"])
     assert r.loc["dense", "method"] == "full" and r.loc["pruned", "method"] == "wanda"
     both = side_by_side(t, "wanda")
-    assert list(both["source"]) == ["this run"] * 3 + ["paper"] * 3
-    assert list(both["variant"]) == ["dense", "pruned", "realigned"] * 2
+    assert list(both["source"]) == ["this run"] * 4 + ["paper"] * 3
+    assert list(both["variant"]) == ["dense", "pruned", "hsr", "random_heads@1", "dense", "pruned", "hsr"]
 
 
-def test_results_table_leaves_missing_variants_empty():
+def test_results_table_leaves_unmeasured_cells_empty():
     vals = {("dense", "safebench", "asr", "vlguard"): 5.0, ("dense", "ch3ef", "asr", "choice"): 3.0}
-    status = [STATUS[0], {"variant": "pruned", "status": "not available yet"},
-              {"variant": "realigned", "status": "not available yet"}]
-    r = results_table(_summary(vals), status, "m", "wanda", "vlguard").set_index("variant")
+    r = results_table(_summary(vals), STATUS[:3], "m", "wanda", "vlguard").set_index("variant")
     assert r.loc["dense", "avg_asr"] == 4.0 and pd.isna(r.loc["dense", "mmbench"])
-    for v in ("pruned", "realigned"):
+    for v in ("pruned", "hsr"):
         assert all(pd.isna(r.loc[v, c]) for c in ("safebench_asr", "ch3ef_asr", "avg_asr", "rsr_percent"))
-        assert r.loc[v, "status"] == "not available yet"
-    assert pd.isna(r.loc["realigned", "restored_ratio_permyriad"])

@@ -1,115 +1,155 @@
-"""The realignment step on a tiny run: invariants, variants, both fidelity modes, rebuilding and
-saving the realigned model."""
+"""The realignment step on a copy of the shared tiny run (GQA: 4 heads, 2 KV heads): invariants,
+variants, both fidelity modes, what the counts mean, rebuilding and saving the realigned model."""
 
-from pathlib import Path
+from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
-from hsr_lib.io import read_json
+from hsr_lib import steps
 from hsr_lib.models import load_from_params, load_model
 from hsr_lib.params import load_params
-from hsr_lib.prune import build_pruned, load_mask
-from hsr_lib.realign_step import build_realigned, load_restored, realign_step, realigned_mask, save_realigned
 from hsr_lib.runs import Run
-
-TINY = Path(__file__).resolve().parent.parent / "params" / "tiny.yaml"
-SMALL = ["data.n_ships=3", "data.n_scores=3", "model.name=tiny:llava_next_mistral"]  # GQA: 4 heads, 2 KV heads
-
-
-@pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("realign_runs")
-
-
-def open_run(runs_dir, *extra):
-    return Run.open(load_params(TINY, [f"runs_dir={runs_dir}", *SMALL, *extra]))
-
-
-@pytest.fixture(scope="module")
-def hsr_run(runs_dir):
-    run = open_run(runs_dir)
-    return run, realign_step(run, progress=False)
+from conftest import LIB_OVERRIDES, TINY
 
 
 def _weights(lm):
     return {k: v.weight.detach().clone() for k, v in lm.prunable_linears().items()}
 
 
-def test_invariants(hsr_run):
-    run, summary = hsr_run
-    dense, pruned, real = (_weights(m) for m in (load_from_params(run.params), build_pruned(run), build_realigned(run)))
-    P, after, idx = load_mask(run), realigned_mask(run), load_restored(run)
-    total = 0
-    for name in dense:
-        R = torch.zeros(dense[name].numel(), dtype=torch.bool)
+def _R(res, dense):
+    idx = res.restored()
+    out = {}
+    for name, W in dense.items():
+        r = torch.zeros(W.numel(), dtype=torch.bool)
         if name in idx:
-            R[idx[name]] = True
-        R = R.view(dense[name].shape)
-        total += int(R.sum())
-        assert not (R & ~P[name]).any(), name  # R ⊆ P (paper mode: the actual mask)
-        assert torch.equal(real[name][R], dense[name][R]), name  # restored = dense values
-        assert torch.equal(real[name][~R], pruned[name][~R]), name  # everything else unchanged
-        assert torch.equal(after[name], P[name] & ~R), name
-        assert int((pruned[name] == 0).sum()) - int((real[name] == 0).sum()) == int(R.sum())  # sparsity drops by |R|
-        if not name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            assert not R.any(), name  # MLP linears are never restored
-    assert total == summary["restored"] > 0
+            r[idx[name]] = True
+        out[name] = r.view(W.shape)
+    return out
+
+
+def test_invariants(run_copy):
+    run = run_copy()
+    res = steps.realign.load(run)
+    summary = res.summary
+    dense, pruned, real = (_weights(m) for m in (load_from_params(run.params), res.pruned.build(), res.build()))
+    P, after, R = res.pruned.mask(), res.mask(), _R(res, dense)
+    for name in dense:
+        assert not (R[name] & ~P[name]).any(), name  # R ⊆ P (paper mode: the actual mask)
+        assert torch.equal(real[name][R[name]], dense[name][R[name]]), name  # restored = dense values
+        assert torch.equal(real[name][~R[name]], pruned[name][~R[name]]), name  # everything else unchanged
+        assert torch.equal(after[name], P[name] & ~R[name]), name
+        assert int((pruned[name] == 0).sum()) - int((real[name] == 0).sum()) == int(R[name].sum())
+        if name.split(".")[-1] not in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert not R[name].any(), name  # MLP linears are never restored
+    total = sum(int(r.sum()) for r in R.values())
+    assert total == summary["restored"] == summary["newly_nonzero"] > 0
+    assert summary["survivors_overwritten"] == summary["survivors_changed"] == 0
     n = sum(v.numel() for v in dense.values())
     assert summary["restored_ratio_permyriad"] == pytest.approx(total / n * 1e4)
+    assert {int(k.split(".")[1]) for k in res.restored()} <= {int(h.split("-")[0]) for h in summary["heads"]}
 
 
-def test_only_selected_head_layers_restore(hsr_run):
-    run, summary = hsr_run
-    layers = {int(h.split("-")[0]) for h in summary["heads"]}
-    assert {int(k.split(".")[1]) for k in load_restored(run)} <= layers
+def test_p_equal_p_max_restores_nothing(run_copy):
+    assert steps.realign.run(run_copy(**{"realign.p": 0.6, "realign.p_max": 0.6}), progress=False).summary[
+        "restored"] == 0
 
 
-def test_p_equal_p_max_restores_nothing(runs_dir):
-    summary = realign_step(open_run(runs_dir, "realign.p=0.6", "realign.p_max=0.6"), progress=False)
-    assert summary["restored"] == 0
-
-
-def test_hsr_a_restores_the_whole_region(runs_dir, hsr_run):
-    _, hsr = hsr_run
-    run = open_run(runs_dir, "realign.variant=hsr_a")
-    summary = realign_step(run, progress=False)
-    import pandas as pd
-
-    mods = pd.read_csv(run.step_dir("realign") / "modules.csv")
+def test_hsr_a_restores_the_whole_region(run_copy):
+    hsr = steps.realign.load(run_copy())
+    res = steps.realign.run(run_copy(**{"realign.variant": "hsr_a"}), progress=False)
+    mods = res.modules()
     assert (mods.restored == mods.pruned_in_region).all()
-    assert summary["restored"] > hsr["restored"] and summary["heads"] == hsr["heads"]
+    assert res.summary["restored"] > hsr.summary["restored"] and res.summary["heads"] == hsr.summary["heads"]
 
 
-def test_random_heads_are_seeded_and_differ(runs_dir, hsr_run):
-    a = realign_step(open_run(runs_dir, "realign.variant=random_heads", "realign.seed=3"), progress=False)
-    b = realign_step(open_run(runs_dir, "realign.variant=random_heads", "realign.seed=3"), progress=False)
-    assert a["heads"] == b["heads"] and len(a["heads"]) == 4
+def test_heads_table_counts_each_restored_weight_once(run_copy):
+    """Under GQA the k/v rows a KV group shares are one unit, not one per head (paper mode)."""
+    res = steps.realign.run(run_copy(**{"realign.variant": "hsr_a", "realign.top_h": 4}), progress=False)
+    heads = res.heads()
+    assert int(heads.total.sum()) == res.summary["restored"]
+    kv = heads[heads.unit == "kv_group"]
+    assert (kv.q_proj == 0).all() and (kv.o_proj == 0).all() and (kv.k_proj + kv.v_proj > 0).all()
+    own = heads[heads.unit == "head"]
+    assert (own.k_proj == 0).all() and (own.v_proj == 0).all()
+    groups = {(r.layer, r.index): r.heads.split() for r in kv.itertuples()}
+    assert any(len(h) == 2 for h in groups.values())  # the top 4 heads share a KV group somewhere
 
 
-def test_reference_mode_regions_and_rederived_mask(runs_dir):
-    run = open_run(runs_dir, "fidelity=reference")
-    summary = realign_step(run, progress=False)
-    assert summary["region"] == "reference" and summary["base_mask"] == "rederived"
-    import pandas as pd
-
-    mods = pd.read_csv(run.step_dir("realign") / "modules.csv")
+def test_reference_mode_counts_against_the_region_used(run_copy):
+    res = steps.realign.run(run_copy(fidelity="reference", **{"realign.region": "reference",
+                                                              "realign.base_mask": "rederived"}), progress=False)
+    s = res.summary
+    heads, mods = res.heads(), res.modules()
+    assert int(heads.total.sum()) == s["restored"] == int(mods.restored.sum())
+    assert set(heads[heads.unit == "layer"].columns) >= {"o_proj"}
+    assert (heads[heads.unit == "layer"][["q_proj", "k_proj", "v_proj"]] == 0).all().all()
     assert (mods.restored <= mods.F).all()
+    # what the ‱ counts: |R| against the re-derived P; newly non-zero against the actual mask
+    dense = _weights(load_from_params(res.pruned.params))
+    R, actual = _R(res, dense), res.pruned.mask()
+    assert s["newly_nonzero"] == sum(int((R[k] & actual[k]).sum()) for k in R)
+    assert s["survivors_overwritten"] == sum(int((R[k] & ~actual[k]).sum()) for k in R)
+    assert s["restored"] == s["newly_nonzero"] + s["survivors_overwritten"]
+    assert s["survivors_changed"] == 0  # Wanda's survivors keep their dense values
 
 
-def test_saved_model_reloads_with_identical_logits(hsr_run, tmp_path, synthetic_vlguard):
+def test_reference_mode_after_sparsegpt_counts_changed_survivors(run_copy):
+    run = run_copy(fidelity="reference", **{"realign.region": "reference", "realign.base_mask": "rederived",
+                                            "pruning.method": "sparsegpt"})
+    res = steps.realign.run(run, progress=False)
+    s = res.summary
+    dense = _weights(load_from_params(run.params))
+    pruned, R, actual = _weights(res.pruned.build()), _R(res, dense), res.pruned.mask()
+    survivors = {k: R[k] & ~actual[k] for k in R}
+    changed = sum(int((pruned[k][survivors[k]] != dense[k][survivors[k]]).sum()) for k in R)
+    assert s["survivors_overwritten"] > 0 and s["survivors_changed"] == changed > 0
+    real = _weights(res.build())
+    assert all(torch.equal(real[k][R[k]], dense[k][R[k]]) for k in R)  # dense values among OBS-updated ones
+
+
+def _fresh_run(tmp_path, name, seed):
+    P = load_params(TINY, {"runs_dir": str(tmp_path / name), **LIB_OVERRIDES, "realign.variant": "random_heads",
+                           "realign.seed": seed, "data.n_scores": 2})
+    return Run.open(P)
+
+
+def test_random_heads_are_seeded(tmp_path):
+    """One seed gives the same heads in two fresh run directories; two seeds give different ones."""
+    a = steps.realign.run(_fresh_run(tmp_path, "a", 3), progress=False).summary["heads"]
+    b = steps.realign.run(_fresh_run(tmp_path, "b", 3), progress=False).summary["heads"]
+    c = steps.realign.run(_fresh_run(tmp_path, "c", 4), progress=False).summary["heads"]
+    assert a == b and a != c and len(a) == len(c) == 4
+    assert not (tmp_path / "a" / "tiny" / "ships").exists()  # random heads need no Ships
+
+
+def test_saved_model_reloads_with_identical_logits(run_copy, tmp_path, synthetic_vlguard):
     from hsr_lib.prompts import encode_prompt
 
-    run, _ = hsr_run
-    path = save_realigned(run, tmp_path / "realigned")
-    lm_a, lm_b = build_realigned(run), load_model(str(path))
+    res = steps.realign.load(run_copy())
+    path = res.save_model(tmp_path / "realigned")
+    lm_a, lm_b = res.build(), load_model(str(path))
     enc = encode_prompt(lm_a.processor, synthetic_vlguard[2]["safety"][0])
     with torch.no_grad():
         assert torch.equal(lm_a.model(**enc).logits, lm_b.model(**enc).logits)
 
 
-def test_save_model_param_writes_a_loadable_directory(runs_dir):
-    run = open_run(runs_dir, "realign.save_model=true", "realign.seed=11", "realign.variant=random_heads")
-    realign_step(run, progress=False)
-    lm = load_model(str(run.step_dir("realign") / "model"))
-    assert lm.family == "llava_next"
+def test_save_model_is_part_of_the_realign_step(run_copy, monkeypatch):
+    """A crash while saving leaves the step unfinished (it used to be marked done first); the
+    next run repairs it, and a finished step missing its model gets it rebuilt."""
+    run = run_copy(**{"realign.save_model": True, "realign.q": 0.4})
+
+    def broken(lm, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(steps.realign, "save_model_dir", broken)
+    with pytest.raises(OSError, match="disk full"):
+        steps.realign.run(run, progress=False)
+    assert not run.is_done(steps.realign.spec(run.params))
+    monkeypatch.undo()
+    res = steps.realign.run(run, progress=False)
+    assert load_model(str(res.dir / "model")).family == "qwen2_5_vl"
+    shutil.rmtree(res.dir / "model")
+    assert (steps.realign.run(run, progress=False).dir / "model" / "config.json").is_file()

@@ -1,4 +1,5 @@
-"""The run directory: resolved params, manifest, step caching and invalidation, atomic writes."""
+"""The run directory and the step graph: keyed folders, staging, markers, what each step's key
+depends on (and what it must not), the data step."""
 
 import json
 import os
@@ -6,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from hsr_lib import steps
 from hsr_lib.data import load_records, sample_indices, split_records
-from hsr_lib.datastep import prepare_data
 from hsr_lib.io import atomic_write_json, read_json
 from hsr_lib.params import load_params
-from hsr_lib.runs import Run, resolve_paths
+from hsr_lib.runs import Run, Spec, resolve_paths
 
 TINY = Path(__file__).resolve().parent.parent / "params" / "tiny.yaml"
 
@@ -20,11 +21,15 @@ def make_run(tmp_path, *overrides, name="r"):
     return Run.open(P)
 
 
+def P(*overrides):
+    return load_params(TINY, list(overrides))
+
+
 def test_open_writes_resolved_params_and_manifest(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    P = load_params(None, ["runs_dir=out", "data.vlguard_root=vg"])
-    run = Run.open(P)
-    assert run.dir == tmp_path / "out" / P.run_name
+    Pr = load_params(None, ["runs_dir=out", "data.vlguard_root=vg"])
+    run = Run.open(Pr)
+    assert run.dir == tmp_path / "out" / Pr.run_name
     saved = load_params(run.params_path)
     assert saved.runs_dir == str(tmp_path / "out") and saved.data.vlguard_root == str(tmp_path / "vg")
     m = read_json(run.dir / "manifest.json")
@@ -39,56 +44,115 @@ def test_resolve_paths_keeps_hub_ids_and_tiny_names(tmp_path):
     assert resolve_paths(load_params(None, ["model.name=ckpt"]), tmp_path).model.name == str(tmp_path / "ckpt")
 
 
-def test_step_marker_and_invalidation(tmp_path):
-    run = make_run(tmp_path)
-    assert not run.is_done("data")
-    with run.step("data"):
-        pass
-    with run.step("ships"):
-        pass
-    assert run.is_done("data") and run.is_done("ships")
-    assert set(read_json(run.dir / "manifest.json")["steps"]) == {"data", "ships"}
-    # a ships param leaves data valid; a data param invalidates data and, through it, ships
-    r2 = make_run(tmp_path, "ships.epsilon=0.001")
-    assert r2.is_done("data") and not r2.is_done("ships")
-    r3 = make_run(tmp_path, "data.n_ships=3")
-    assert not r3.is_done("data")
-    with r3.step("data"):
-        pass
-    assert not r3.is_done("ships")  # its upstream fingerprint changed
-
-
-def test_crash_leaves_step_not_done(tmp_path):
-    run = make_run(tmp_path)
-    with run.step("data"):
-        pass
-    with pytest.raises(RuntimeError):
-        with run.step("data"):
-            raise RuntimeError("killed")
-    assert not run.is_done("data")
-
-
-def test_unknown_step(tmp_path):
+def test_spec_key_is_label_and_hash_of_reads_and_upstream():
+    a = Spec("prune", "wanda-0.5", {"x": 1})
+    assert a.key == f"wanda-0.5-{a.fingerprint[:10]}" and a.where == f"prune/{a.key}"
+    assert Spec("prune", "wanda-0.5", {"x": 1}).fingerprint == a.fingerprint
+    assert Spec("prune", "wanda-0.5", {"x": 2}).fingerprint != a.fingerprint
+    up1, up2 = Spec("data", "d", {"n": 1}), Spec("data", "d", {"n": 2})
+    assert Spec("ships", "s", {}, upstream=(up1,)).key != Spec("ships", "s", {}, upstream=(up2,)).key
+    assert Spec("ships", "s", {}, needs=(up1,)).key == Spec("ships", "s", {}, needs=(up2,)).key
     with pytest.raises(KeyError, match="nope"):
-        make_run(tmp_path).step_dir("nope")
+        Spec("nope", "x", {})
 
 
-def test_prepare_data_synthetic_matches_formula_and_caches(tmp_path):
+def test_step_works_in_staging_then_moves_to_its_key(tmp_path):
     run = make_run(tmp_path)
-    sets = prepare_data(run)
-    root = run.step_dir("data") / "synthetic_vlguard"
+    s = Spec("data", "d", {"n": 1})
+    assert not run.is_done(s)
+    with run.step(s) as d:
+        assert d == run.staging(s) and d.name.startswith(".") and not run.path(s).exists()
+        (d / "a.txt").write_text("x")
+    assert run.is_done(s) and (run.path(s) / "a.txt").read_text() == "x" and not run.staging(s).exists()
+    rec = read_json(run.path(s) / "_step.json")
+    assert rec["fingerprint"] == s.fingerprint and rec["reads"] == {"n": 1}
+    assert read_json(run.dir / "manifest.json")["steps"][s.where]["fingerprint"] == s.fingerprint
+    assert run.keys("data") == [s.key]
+
+
+def test_crash_leaves_the_partial_folder_and_no_key(tmp_path):
+    run = make_run(tmp_path)
+    s = Spec("data", "d", {"n": 1})
+    with pytest.raises(RuntimeError):
+        with run.step(s) as d:
+            (d / "progress.json").write_text("{}")
+            raise RuntimeError("killed")
+    assert not run.is_done(s) and not run.path(s).exists()
+    assert (run.staging(s) / "progress.json").exists()  # what a resumed attempt starts from
+
+
+def test_two_settings_coexist(tmp_path):
+    run = make_run(tmp_path)
+    a, b = Spec("prune", "x", {"s": 0.5}), Spec("prune", "x", {"s": 0.6})
+    for s in (a, b):
+        with run.step(s):
+            pass
+    assert run.is_done(a) and run.is_done(b) and len(run.keys("prune")) == 2
+
+
+# ------------------------------------------------------------------ the step graph
+
+
+def test_ships_key_ignores_what_it_does_not_read():
+    base = steps.ships.spec(P()).key
+    for o in ("data.n_scores=5", "data.seed_scores=3", "ships.score=kl", "ships.batch_heads=2", "realign.top_h=2",
+              "model.device=cuda", "pruning.sparsity=0.6", "scores.methods=[wanda]", "eval.max_new_tokens=3"):
+        assert steps.ships.spec(P(o)).key == base, o
+    for o in ("data.n_ships=5", "ships.epsilon=0.001", "ships.dtype=bfloat16", "model.name=tiny:qwen2_vl",
+              "ships.parts=[q,k]", "fidelity=reference"):
+        assert steps.ships.spec(P(o)).key != base, o
+
+
+def test_scores_prune_and_realign_keys():
+    base = P()
+    # pruning reads no score file: scoring another method never re-prunes
+    assert steps.prune.spec(P("scores.methods=[snip]")).key == steps.prune.spec(base).key
+    assert steps.prune.spec(P("model.device=cuda")).key == steps.prune.spec(base).key
+    assert steps.prune.spec(P("model.dtype=bfloat16")).key != steps.prune.spec(base).key
+    assert steps.prune.spec(P("pruning.sparsity=0.6")).key.startswith("wanda-0.6-unstructured-")
+    assert steps.prune.spec(P("pruning.method=sparsegpt", "pruning.pattern=2:4")).key.startswith("sparsegpt-0.5-2of4-")
+    # the blocksize only matters to SparseGPT
+    assert steps.prune.spec(P("pruning.blocksize=64")).key == steps.prune.spec(base).key
+    assert steps.scores.spec(base, "snip").key.startswith("snip-")
+    assert steps.scores.spec(P("data.n_ships=3"), "wanda").key == steps.scores.spec(base, "wanda").key
+    # a realignment's key covers the pruning, scores and Ships it sits on
+    r = steps.realign.spec(base)
+    assert r.key.startswith("hsr-p0.5-q0.5-pmax0.7-h4-")
+    for o in ("pruning.sparsity=0.6", "ships.epsilon=0.001", "data.n_scores=5", "ships.score=kl", "realign.q=0.3"):
+        assert steps.realign.spec(P(o)).key != r.key, o
+    assert steps.realign.spec(P("realign.seed=3")).key == r.key  # the seed only matters to random heads
+    rh = steps.realign.spec(P("realign.variant=random_heads", "realign.seed=3"))
+    assert rh.key.startswith("random_heads-p0.5-q0.5-pmax0.7-h4-s3-") and "ships" not in {u.step for u in rh.upstream}
+    assert steps.realign.spec(P("realign.variant=random_heads", "realign.seed=3", "ships.epsilon=0.1")).key == rh.key
+
+
+def test_evaluate_key_follows_its_variants():
+    base = steps.evaluate.spec(P())
+    assert steps.evaluate.spec(P("realign.q=0.3")).key != base.key  # the hsr variant changed
+    assert steps.evaluate.spec(P("scores.methods=[wanda]")).key == base.key
+    keys = {u.key for u in base.upstream}
+    assert any(k.startswith("hsr_a-") for k in keys) and any(k.startswith("random_heads-") for k in keys)
+
+
+# ------------------------------------------------------------------ the data step
+
+
+def test_data_step_synthetic_matches_formula_and_caches(tmp_path):
+    run = make_run(tmp_path)
+    sets = steps.data.run(run)
+    root = steps.data.synthetic_dir(run.dir, run.params.data.n_synthetic)
     splits = split_records(load_records(root / "train.json"), root)
-    P = run.params
-    want = [splits["safety"][i].id for i in sample_indices(len(splits["safety"]), P.data.n_ships, P.data.seed_ships)]
+    Pr = run.params
+    want = [splits["safety"][i].id for i in sample_indices(len(splits["safety"]), Pr.data.n_ships, Pr.data.seed_ships)]
     assert [s.id for s in sets.load("ships_safety")] == want
-    want_u = [splits["utility"][i].id for i in sample_indices(len(splits["utility"]), P.data.n_scores, 0)]
+    want_u = [splits["utility"][i].id for i in sample_indices(len(splits["utility"]), Pr.data.n_scores, 0)]
     assert [s.id for s in sets.load("scores_utility")] == want_u
     assert sets.summary["splits"] == {k: len(v) for k, v in splits.items()}
-    marker = (run.step_dir("data") / "_step.json").read_text()
-    prepare_data(make_run(tmp_path))  # unchanged params: nothing recomputed
-    assert (run.step_dir("data") / "_step.json").read_text() == marker
-    again = prepare_data(make_run(tmp_path, "data.n_ships=5"))
-    assert len(again.load("ships_safety")) == 5
+    marker = (sets.dir / "_step.json").read_text()
+    assert steps.data.run(make_run(tmp_path)).dir == sets.dir  # unchanged params: nothing recomputed
+    assert (sets.dir / "_step.json").read_text() == marker
+    again = steps.data.run(make_run(tmp_path, "data.n_ships=5"))
+    assert len(again.load("ships_safety")) == 5 and again.dir != sets.dir and sets.dir.is_dir()
 
 
 def _tiny_vlguard(root):
@@ -108,20 +172,28 @@ def _tiny_vlguard(root):
     (root / "train.json").write_text(json.dumps(recs))
 
 
-def test_prepare_data_real_root_fingerprints_train_json(tmp_path):
+def test_data_step_real_root_fingerprints_train_json(tmp_path):
     vg = tmp_path / "vg"
     _tiny_vlguard(vg)
     run = make_run(tmp_path, f"data.vlguard_root={vg}")
-    sets = prepare_data(run)
+    sets = steps.data.run(run)
+    assert sets.dir.name.startswith("vlguard-")
     assert [s.question for s in sets.load("safety")] == ["bad 1", "bad 3"]
     assert [s.question for s in sets.load("utility")] == ["ok 0", "ok 2"]
     assert sets.summary["source"] == str(vg / "train.json")
-    assert run.is_done("data", {"train_json": __import__("hsr_lib.io").io.file_hash(vg / "train.json"),
-                                "image_root": str(vg)})
+    ships_before = steps.ships.spec(run.params).key
     recs = json.loads((vg / "train.json").read_text())
     recs[1]["instr-resp"][0]["instruction"] = "changed"
     (vg / "train.json").write_text(json.dumps(recs))
-    assert prepare_data(make_run(tmp_path, f"data.vlguard_root={vg}")).load("safety")[0].question == "changed"
+    run2 = make_run(tmp_path, f"data.vlguard_root={vg}")
+    assert steps.data.run(run2).load("safety")[0].question == "changed"
+    assert steps.ships.spec(run2.params).key != ships_before  # new content, new downstream keys
+
+
+def test_load_of_a_step_that_has_not_run_names_it(tmp_path):
+    run = make_run(tmp_path)
+    with pytest.raises(steps.StepNotDone, match="prune"):
+        steps.prune.load(run)
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hsr_lib.prompts import encode_calibration
-from hsr_lib.scores import (InputStats, check_method, compute_scores, describe_scores, overlap_table,
-                            sparsegpt_score, wanda_score)
+from hsr_lib.scores import InputStats, check_method, compute_scores, score_methods, sparsegpt_score, wanda_score
+from hsr_lib.views import describe_scores, overlap_table
 
 FAMILIES = ["llava_next", "qwen2_5_vl", "mllama"]  # MHA, GQA (M-RoPE), GQA + cross-attention
 
@@ -177,3 +177,9 @@ def test_overlap_and_description_tables():
     assert overlap_table(S, S, 0.5, 0.5).overlap.iloc[0] == 1.0
     table = describe_scores(S)
     assert table.iloc[0]["max"] == 5.0 and table.iloc[0]["zeros"] == 1 and table.iloc[0]["shape"] == "2×3"
+
+
+def test_score_methods_keep_the_canonical_order_and_name_a_bad_one():
+    assert score_methods("snip", ["wanda", "snip"]) == ["wanda", "snip"]
+    with pytest.raises(ValueError, match="'obs'"):
+        score_methods("wanda", ["obs"])

@@ -262,23 +262,26 @@ def test_non_causal_changes_scores_and_needs_sdpa(lms, prompts):
 
 
 def test_step_resumes_from_matching_layers_only(tmp_path, monkeypatch):
+    import shutil
     from pathlib import Path
 
-    from hsr_lib import ships_step
-    from hsr_lib.io import read_json, atomic_write_json
+    from hsr_lib.io import atomic_write_json, read_json
     from hsr_lib.params import load_params
     from hsr_lib.runs import Run
+    from hsr_lib.steps import ships as ships_step
 
     tiny = Path(__file__).resolve().parent.parent / "params" / "tiny.yaml"
     P = load_params(tiny, [f"runs_dir={tmp_path}", "data.n_ships=2", "model.name=tiny:qwen2_vl"])
-    first = ships_step.run_ships(Run.open(P), progress=False)
-    d = first.dir
-    # simulate a run killed after layer 1, with a leftover layer 0 from other params
-    (d / "_step.json").unlink()
+    run = Run.open(P)
+    first = ships_step.run(run, progress=False)
+    # simulate an attempt killed after layer 1, with a leftover layer 0 from other params
+    stage = run.staging(ships_step.spec(P))
+    shutil.copytree(first.dir / "layers", stage / "layers")
+    shutil.rmtree(first.dir)
     for layer in (2, 3):
-        (d / "layers" / f"layer_{layer:03d}.json").unlink()
-    stale = read_json(d / "layers" / "layer_000.json")
-    atomic_write_json(d / "layers" / "layer_000.json", {**stale, "fingerprint": "other-params"})
+        (stage / "layers" / f"layer_{layer:03d}.json").unlink()
+    stale = read_json(stage / "layers" / "layer_000.json")
+    atomic_write_json(stage / "layers" / "layer_000.json", {**stale, "fingerprint": "other-params"})
     seen = {}
     real = ships_step.ships_engine
 
@@ -287,7 +290,8 @@ def test_step_resumes_from_matching_layers_only(tmp_path, monkeypatch):
         return real(lm, prompts, cfg, batch, done, on_layer, progress)
 
     monkeypatch.setattr(ships_step, "ships_engine", spy)
-    again = ships_step.run_ships(Run.open(P), progress=False)
+    again = ships_step.run(Run.open(P), progress=False)
     assert seen["done"] == [1]
     assert again.scores == pytest.approx(first.scores, rel=1e-9)
-    assert read_json(d / "layers" / "layer_000.json")["fingerprint"] != "other-params"
+    assert read_json(again.dir / "layers" / "layer_000.json")["fingerprint"] != "other-params"
+    assert not stage.exists()

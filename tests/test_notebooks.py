@@ -1,0 +1,175 @@
+"""Every notebook, executed by `hsr run params/tiny.yaml` once per test session (the shared,
+read-only ``tiny_run``): the values they record follow from the step artifacts, a few golden
+values of the tiny run are pinned, and a notebook run alone computes what it is missing."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from conftest import only
+from hsr_lib.data import load_records, sample_indices, split_records
+from hsr_lib.io import read_json
+from hsr_lib.notebook import read_records
+from hsr_lib.ships import head_key, load_head_scores, select_heads
+
+pytestmark = pytest.mark.notebooks
+ROOT = Path(__file__).resolve().parent.parent
+_SCRIPT = Path(sys.executable).parent / "hsr"
+HSR = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "hsr_lib.cli"]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("0*.ipynb"))
+
+# Golden values of the tiny run (tiny:qwen2_5_vl, synthetic data, seed 0, one thread). Numbers move
+# with torch/transformers kernels only in the last digits; the tolerances allow that, no more.
+GOLDEN_TOP_HEADS = ["0-3", "0-1", "0-2", "1-1"]
+GOLDEN_RESTORED = 133
+GOLDEN_SPARSITY = 0.5
+
+
+def records(tiny_run, name):
+    return read_records(tiny_run[0] / "notebooks" / f"{name}.ipynb")
+
+
+def outputs_text(path) -> str:
+    nb = nbformat.read(str(path), as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_every_notebook_ran_and_none_is_committed_with_outputs(tiny_run):
+    run_dir, proc = tiny_run
+    m = read_json(run_dir / "manifest.json")
+    assert NOTEBOOKS == ["01_data", "02_ships", "03_scores", "04_prune", "05_realign", "06_evaluate"]
+    for name in NOTEBOOKS:
+        assert m["notebooks"][name]["status"] == "ok" and m["notebooks"][name]["wall_s"] > 0, name
+        src = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+        code = [c for c in src.cells if c.cell_type == "code"]
+        assert not any(c.get("outputs") or c.get("execution_count") for c in code), name
+        assert code[1].metadata.get("tags") == ["parameters"] and "colab.research.google.com" in src.cells[0].source
+        assert "REPO = " in code[0].source and "hsr_lib.steps" not in code[0].source
+    assert "[1/6]" in proc.stdout and "06_evaluate" in proc.stdout
+    assert any(k.startswith("prune/wanda-0.5-unstructured-") for k in m["steps"])
+
+
+def test_records_are_not_printed(tiny_run):
+    text = outputs_text(tiny_run[0] / "notebooks" / "02_ships.ipynb")
+    assert "head_scores =" not in text and "0-0" not in text.split("ranking by")[0]
+
+
+def test_data_notebook(tiny_run):
+    run_dir, _ = tiny_run
+    rec = records(tiny_run, "01_data")
+    root = run_dir / "data" / "synthetic-vlguard-n48"
+    splits = split_records(load_records(root / "train.json"), root)
+    assert rec["n_safety"] == len(splits["safety"]) > 0
+    assert rec["n_utility"] == rec["n_safe_unsafe"] == len(splits["utility"]) > 0
+    ids = [s.id for s in splits["safety"]]
+    assert rec["ships_safety_ids"] == [ids[i] for i in sample_indices(len(ids), 16, 114514)]
+    cal = rec["calibration_example"]
+    assert 0 < cal["start"] < cal["end"] == cal["length"]
+    nb = nbformat.read(run_dir / "notebooks" / "01_data.ipynb", as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_ships_notebook(tiny_run):
+    run_dir, _ = tiny_run
+    rec = records(tiny_run, "02_ships")
+    d = only(run_dir / "ships")
+    saved = load_head_scores(d / "head_scores_subspace.json")
+    assert rec["head_scores"] == pytest.approx(saved, rel=1e-12)
+    assert len(saved) == 4 * 4 and rec["ships_score"] == "subspace" and rec["n_prompts"] == 16
+    every = read_json(d / "head_scores_all.json")
+    assert rec["total"]["kl"] == pytest.approx(sum(every["kl"].values()), rel=1e-12)
+    assert all(v > 0 for v in saved.values())  # ε-ablation moves every head's representation
+    assert rec["top_heads"] == [head_key(*h) for h in select_heads(saved, 4)] == GOLDEN_TOP_HEADS
+    assert rec["released_top10"]["llava-next-vicuna-7b"] == [
+        "0-3", "0-21", "0-15", "16-17", "15-17", "31-22", "13-15", "31-4", "11-28", "1-8"]
+    assert rec["released_top10"]["llama3-llava-next-8b"][:4] == ["2-6", "2-4", "2-7", "2-5"]
+    csv = pd.read_csv(d / "head_scores.csv")
+    assert set(csv.columns) >= {"kl", "subspace", "hidden0_angle", "subspace_rank"} and len(csv) == 16
+    assert not (d / "heatmap.png").exists()  # a view, drawn by the notebook
+
+
+def test_scores_and_prune_notebooks(tiny_run):
+    run_dir, _ = tiny_run
+    rec = records(tiny_run, "03_scores")
+    assert rec["score_methods"] == ["wanda", "sparsegpt", "snip"]
+    assert all((run_dir / "scores" / f / "safety.safetensors").is_file() for f in rec["score_folders"].values())
+    assert -1 <= rec["spearman_example"]["rho"] <= 1
+    rec = records(tiny_run, "04_prune")
+    assert (rec["prune_method"], rec["prune_pattern"]) == ("wanda", "unstructured")
+    assert rec["sparsity_reached"] == pytest.approx(GOLDEN_SPARSITY, abs=1e-12)
+    assert rec["n_modules_pruned"] == 28  # 4 layers × 7 linears of tiny:qwen2_5_vl
+    loss = rec["heldout_loss"]
+    assert loss["n"] == 8 and math.isfinite(loss["dense"]) and math.isfinite(loss["pruned"])
+    assert (run_dir / "prune" / rec["prune_folder"] / "mask.safetensors").is_file()
+
+
+def test_realign_notebook(tiny_run):
+    run_dir, _ = tiny_run
+    rec = records(tiny_run, "05_realign")
+    hsr = [p for p in (run_dir / "realign").iterdir() if p.name.startswith("hsr-")]
+    assert len(hsr) == 1
+    summary = read_json(hsr[0] / "summary.json")
+    mods = pd.read_csv(hsr[0] / "modules.csv")
+    assert rec["restored"] == summary["restored"] == int(mods.restored.sum())
+    assert rec["restored"] == pytest.approx(GOLDEN_RESTORED, rel=0.05)
+    assert rec["restored_ratio_permyriad"] == pytest.approx(rec["restored"] / rec["decoder_linear_params"] * 1e4)
+    assert rec["decoder_linear_params"] == 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
+    assert rec["heads"] == GOLDEN_TOP_HEADS and rec["newly_nonzero"] == rec["restored"]
+    assert sum(rec["restored_per_unit"].values()) == rec["restored"]
+
+
+def test_evaluate_notebook(tiny_run):
+    run_dir, _ = tiny_run
+    rec = records(tiny_run, "06_evaluate")
+    assert rec["variants_evaluated"] == ["dense", "pruned", "hsr", "hsr_a", "random_heads"]
+    assert rec["n_responses"] == 5 * 6 * 4  # variants × benchmarks × n_items
+    rows = {r["variant"]: r for r in rec["results_table"]}
+    real = records(tiny_run, "05_realign")
+    assert rows["hsr"]["restored_ratio_permyriad"] == pytest.approx(real["restored_ratio_permyriad"])
+    assert rows["pruned"]["hsr"] is False and rows["hsr"]["hsr"] is True and rows["dense"]["method"] == "full"
+    assert "dense/safebench/asr/vlguard" in rec["metrics"] and len(rec["judge_agreement"]) == 3
+    assert len(list((run_dir / "realign").iterdir())) == 3  # hsr, hsr_a and random heads side by side
+
+
+def _copy(tiny_run, tmp_path):
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_run[0], dst)
+    return dst
+
+
+def _hsr(*args):
+    return subprocess.run([*HSR, *args], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_a_notebook_run_alone_computes_what_it_misses(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    shutil.rmtree(run_dir / "prune")
+    shutil.rmtree(run_dir / "realign")
+    before = {p: p.read_text() for p in run_dir.glob("ships/*/_step.json")}
+    proc = _hsr("run", "params/tiny.yaml", "-p", f"runs_dir={tmp_path}", "--from", "05", "--to", "05")
+    assert proc.returncode == 0, proc.stderr
+    text = outputs_text(run_dir / "notebooks" / "05_realign.ipynb")
+    assert "computing upstream step 'prune': prune/wanda-0.5-unstructured-" in text
+    assert "computing upstream step 'ships'" not in text  # Ships was there
+    assert {p: p.read_text() for p in run_dir.glob("ships/*/_step.json")} == before
+    assert [p.name.split("-")[0] for p in (run_dir / "realign").iterdir()] == ["hsr"]
+
+
+def test_prune_notebook_when_every_utility_record_calibrates(tiny_run, tmp_path):
+    _copy(tiny_run, tmp_path)
+    proc = _hsr("run", "params/tiny.yaml", "-p", f"runs_dir={tmp_path}", "-p", "data.n_scores=24",
+                "--from", "04", "--to", "04")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "tiny" / "notebooks" / "04_prune.ipynb"
+    assert read_records(out)["heldout_loss"] is None
+    assert "No held-out utility record" in outputs_text(out)

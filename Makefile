@@ -1,6 +1,7 @@
 # Two commands do everything (see README.md):
 #   make tiny   install into .venv (when needed) and run the whole pipeline on params/tiny.yaml
 #   make test   install into .venv (when needed) and run the test suite
+#   make fast   the fast loop while developing: every test but those executing notebooks (< 1 minute)
 # Any Python >= 3.10 works; set PYTHON=python3.11 to choose one.
 
 PYTHON ?= python3
@@ -13,9 +14,9 @@ STAMP  := $(VENV)/.hsr-installed
 
 export HF_HUB_OFFLINE ?= 1
 # tiny models on a few cores: one OpenMP thread avoids threads spinning against each other
-tiny test: export OMP_NUM_THREADS ?= 1
+tiny test fast: export OMP_NUM_THREADS ?= 1
 
-.PHONY: install tiny test clean-runs
+.PHONY: install tiny test fast clean-runs
 
 install: $(STAMP)
 
@@ -31,6 +32,9 @@ tiny: install
 
 test: install
 	$(BIN)/python -m pytest
+
+fast: install
+	$(BIN)/python -m pytest -q -m "not notebooks"
 
 clean-runs:
 	rm -rf runs

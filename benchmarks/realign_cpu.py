@@ -43,7 +43,7 @@ def vectorized(heads, mats):
 
 def python_sets(heads, mats):
     """The per-entry style: T-sets as Python sets of flat indices (a stable descending sort, ties
-    to the lower index as DESIGN §9 fixes), F by set algebra, then one Python iteration per
+    to the lower index as docs/method.md fixes), F by set algebra, then one Python iteration per
     candidate entry of F."""
     d = GEO.head_dim
     chosen = set(heads)

@@ -1,4 +1,4 @@
-"""Head ablation with forward hooks (DESIGN §6): scale attention heads by ε, a different set of
+"""Head ablation with forward hooks (docs/method.md): scale attention heads by ε, a different set of
 heads in each batch row, in any family, inside plain forwards, layer replays or ``generate``.
 
 Ablating head (l, h) with parts q, k, v multiplies
@@ -87,7 +87,7 @@ def ablate(lm: LoadedModel, rows: Sequence[Sequence[Head]], epsilon: float = 1e-
 @contextmanager
 def non_causal(lm: LoadedModel) -> Iterator[None]:
     """Run self-attention without the causal mask, as the released code did under SDPA (an
-    explicit flag only; DESIGN §3). Needs ``attn_implementation='sdpa'`` and unpadded inputs."""
+    explicit flag only; docs/fidelity.md). Needs ``attn_implementation='sdpa'`` and unpadded inputs."""
     if lm.model.config._attn_implementation != "sdpa":
         raise ValueError("ships.non_causal needs model.attn_implementation: sdpa")
     mods = [lm.adapter.attention(lm.model, i) for i in range(lm.geometry.n_layers)

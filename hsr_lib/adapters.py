@@ -17,7 +17,7 @@ MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 class Geometry:
     """Attention geometry of the language model, read from its text config.
 
-    GQA layout (DESIGN §5): q_proj rows [h·d, (h+1)·d) are query head h; k_proj/v_proj rows
+    GQA layout (docs/method.md): q_proj rows [h·d, (h+1)·d) are query head h; k_proj/v_proj rows
     [g·d, (g+1)·d) are KV head g; o_proj columns [h·d, (h+1)·d) take head h's output; head h
     reads KV head g = h // (H / H_kv).
     """
@@ -121,7 +121,7 @@ class FamilyAdapter:
         return {k: _broadcast(v, batch) for k, v in kwargs.items()}
 
     def user_content(self, question: str) -> list[dict]:
-        """User turn: the image, then the question (DESIGN §4)."""
+        """User turn: the image, then the question (docs/method.md)."""
         return [{"type": "image"}, {"type": "text", "text": question}]
 
     def messages(self, question: str, response: str | None = None) -> list[dict]:

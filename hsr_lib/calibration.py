@@ -1,4 +1,4 @@
-"""Layer-by-layer calibration on cached decoder inputs (DESIGN §7, §8).
+"""Layer-by-layer calibration on cached decoder inputs (docs/method.md).
 
 One full VLM forward per batch of calibration samples (vision encoder, embeddings, rotary or
 M-RoPE positions, masks, Mllama's cross-attention states) stops at the first decoder layer

@@ -1,6 +1,6 @@
 """VLGuard loading, the three splits (safety / utility / safe-unsafe) and seeded sampling.
 
-See DESIGN.md §4. ``train.json`` is a list of records ``{id, image, safe, harmful_category?,
+See docs/method.md. ``train.json`` is a list of records ``{id, image, safe, harmful_category?,
 harmful_subcategory?, instr-resp}``; every bad input stops with a :class:`DataError` that names
 the record and the file.
 """

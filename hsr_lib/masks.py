@@ -1,8 +1,8 @@
-"""Bit-packed boolean masks in safetensors (DESIGN §8): one uint8 tensor per module, 8 weights a byte.
+"""Bit-packed boolean masks in safetensors (docs/method.md): one uint8 tensor per module, 8 weights a byte.
 
 A mask file maps ``layers.{i}.{module}`` to ``numpy.packbits`` of the flattened boolean mask
 (big-endian bit order, numpy's default); the shapes travel in the file's metadata. In pruning
-masks ``True`` means *pruned* (the weight is zero), the set P of DESIGN §9.
+masks ``True`` means *pruned* (the weight is zero), the set P of docs/method.md.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ def _variants(v: list) -> str | None:
 
 @dataclass(frozen=True)
 class EvalParams:
-    """Generation, refusal judges and benchmarks of notebook 06 (DESIGN §10)."""
+    """Generation, refusal judges and benchmarks of notebook 06 (docs/method.md)."""
     variants: list[str] = _f(["dense", "pruned", "hsr"], "model variants evaluated: " + VARIANT_HELP, _variants)
     max_new_tokens: int = _f(64, "greedy decoding length", "[1, inf)")
     batch_size: int = _f(8, "prompts per generation batch", "[1, inf)")
@@ -478,8 +478,11 @@ def _cross_check(flat: dict[str, Any], origin: dict[str, str]) -> None:
                           f"realign.p_max = {p_max} from {origin['realign.p_max']})")
     try:
         check_sparsity(flat["pruning.sparsity"], flat["pruning.pattern"])
-    except ValueError as err:
-        raise ParamsError(f"{blame('pruning.pattern', 'pruning.sparsity')}: pruning.sparsity: {err}") from None
+    except ValueError:
+        n, m = parse_pattern(flat["pruning.pattern"])
+        raise ParamsError(f"{blame('pruning.pattern', 'pruning.sparsity')}: pruning.sparsity: pruning.pattern "
+                          f"{flat['pruning.pattern']!r} needs pruning.sparsity = {n / m} "
+                          f"(got {flat['pruning.sparsity']})") from None
     if "llm" in flat["eval.judges"] and flat["eval.llm_judge_path"] is None:
         raise ParamsError(f"{blame('eval.judges', 'eval.llm_judge_path')}: eval.llm_judge_path: "
                           "required when eval.judges holds 'llm'")

@@ -1,5 +1,5 @@
 """Prompts in the checkpoint's own chat template, and calibration samples whose response
-positions feed the importance scores (DESIGN §4)."""
+positions feed the importance scores (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def encode_calibration(processor, sample: Sample, fidelity: str = "paper", adapt
                          "does the chat template render the assistant turn?")
     if not torch.equal(f_ids[:n], p_ids):
         warnings.warn(f"sample {sample.id}: the prompt's tokens are not a prefix of the conversation's; "
-                      "response positions follow the prompt length (DESIGN §4)", stacklevel=2)
+                      "response positions follow the prompt length (docs/method.md)", stacklevel=2)
     start, end = response_span(n, f_ids.shape[0], chat_style(processor), fidelity)
     return CalibrationSample(sample.id, full.to(device), start, end)
 

@@ -1,4 +1,4 @@
-"""Pruning with Wanda, SparseGPT or SNIP, unstructured or N:M, calibrated on the utility set (DESIGN §8).
+"""Pruning with Wanda, SparseGPT or SNIP, unstructured or N:M, calibrated on the utility set (docs/method.md).
 
 Sequential (``pruning.sequential``, the default): layer i is calibrated on the outputs of the
 already pruned layers 0..i-1. Wanda and SparseGPT gather the statistics of all of a layer's

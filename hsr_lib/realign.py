@@ -1,4 +1,4 @@
-"""The HSR set operation and head regions (DESIGN §9), on tensors, vectorized.
+"""The HSR set operation and head regions (docs/method.md), on tensors, vectorized.
 
 For a prunable linear W ∈ R^{out×in} with n = out·in, T(X, f) is the set of the int(f·n) largest
 entries of X (flattened; ties go to the lower flat index):

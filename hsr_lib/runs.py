@@ -1,4 +1,4 @@
-"""The run directory (DESIGN §14): artifacts of one model on one data set, keyed by what made them.
+"""The run directory (docs/run-directory.md): artifacts of one model on one data set, keyed by what made them.
 
 ``<runs_dir>/<run_name>/`` holds ``params.yaml`` (the resolved params of the last start),
 ``manifest.json`` (package versions, git commit, device, wall time per step key) and one folder

@@ -1,4 +1,4 @@
-"""Importance scores of every prunable linear on the dense model (DESIGN §7; notebook 03).
+"""Importance scores of every prunable linear on the dense model (docs/method.md; notebook 03).
 
 For W ∈ R^{out×in} with inputs x at the response positions of N calibration samples:
 

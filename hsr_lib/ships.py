@@ -1,4 +1,4 @@
-"""Ships head scores (DESIGN §6): the three score variants, global top-h head selection, and
+"""Ships head scores (docs/method.md): the three score variants, global top-h head selection, and
 the authors' one-line JSON format.
 
 Every score compares the unablated model with the model ablated at head (l, h), on N harmful

@@ -1,4 +1,4 @@
-"""The fast Ships engine and the naive loop it must equal (DESIGN §6, "Speed").
+"""The fast Ships engine and the naive loop it must equal (docs/method.md, "Speed").
 
 Engine: the vision encoder and the unablated model run once per prompt (``decoder.trace``);
 the decoder input of layer l is kept for every prompt, so ablating a head of layer l replays only

@@ -1,4 +1,4 @@
-"""SNIP gradients, layer by layer from the calibration cache (DESIGN §7).
+"""SNIP gradients, layer by layer from the calibration cache (docs/method.md).
 
 SNIP needs ``Σ_n |∂L_n/∂W|`` with ``L_n`` the mean cross-entropy over the response positions of
 sample n. A whole-model backward would hold every layer's activations at once; instead, per

@@ -1,4 +1,4 @@
-"""SparseGPT (Frantar & Alistarh, 2023): OBS pruning with lazy column blocks (DESIGN §7, §8).
+"""SparseGPT (Frantar & Alistarh, 2023): OBS pruning with lazy column blocks (docs/method.md).
 
 ``H = (2/N) Σ_n X_n X_nᵀ`` over response positions. Dead inputs (``H_jj = 0``) get ``H_jj = 1``;
 then ``0.01 · mean(diag H)`` is added to the diagonal. When the Cholesky factorisation still
@@ -6,7 +6,7 @@ fails, the damping is multiplied by 10 (a warning says so) until it succeeds.
 
 ``U`` is the upper Cholesky factor of ``H⁻¹``; ``U_jj² = [H[j:, j:]⁻¹]_00``, so ``w² / U_jj²`` is the
 OBS saliency of a weight once the columns before it are fixed. (The importance *score* stored for
-S and U, DESIGN §7, is ``W² / [H⁻¹]_jj²`` with the full inverse: :func:`inverse_diagonal`.)
+S and U, docs/method.md, is ``W² / [H⁻¹]_jj²`` with the full inverse: :func:`inverse_diagonal`.)
 
 Mask selection follows the released algorithm with one change the design asks for: in the
 unstructured pattern each row of a block of columns ``[i1, i2)`` loses exactly

@@ -1,4 +1,4 @@
-"""Sparsity patterns (DESIGN §8): 'unstructured', or 'N:M' (N of every M consecutive inputs of a
+"""Sparsity patterns (docs/method.md): 'unstructured', or 'N:M' (N of every M consecutive inputs of a
 row zeroed). The one place a pattern and a sparsity are parsed and checked."""
 
 from __future__ import annotations

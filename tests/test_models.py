@@ -1,4 +1,4 @@
-"""Tests for hsr_lib.tiny, hsr_lib.adapters and hsr_lib.models (DESIGN §5)."""
+"""Tests for hsr_lib.tiny, hsr_lib.adapters and hsr_lib.models (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -102,7 +102,17 @@ def test_scores_and_prune_notebooks(tiny_run):
     rec = records(tiny_run, "03_scores")
     assert rec["score_methods"] == ["wanda", "sparsegpt", "snip"]
     assert all((run_dir / "scores" / f / "safety.safetensors").is_file() for f in rec["score_folders"].values())
-    assert -1 <= rec["spearman_example"]["rho"] <= 1
+    from safetensors.torch import load_file
+    from scipy.stats import spearmanr
+
+    from hsr_lib.views import overlap_table
+
+    wanda = run_dir / "scores" / rec["score_folders"]["wanda"]
+    S, U = load_file(str(wanda / "safety.safetensors")), load_file(str(wanda / "utility.safetensors"))
+    name = rec["spearman_example"]["module"]
+    rho = spearmanr(S[name].flatten().numpy(), U[name].flatten().numpy()).statistic
+    assert rec["spearman_example"]["rho"] == pytest.approx(rho, rel=1e-9)
+    assert rec["overlap_mean"] == pytest.approx(float(overlap_table(S, U, 0.5, 0.5).overlap.mean()), rel=1e-12)
     rec = records(tiny_run, "04_prune")
     assert (rec["prune_method"], rec["prune_pattern"]) == ("wanda", "unstructured")
     assert rec["sparsity_reached"] == pytest.approx(GOLDEN_SPARSITY, abs=1e-12)

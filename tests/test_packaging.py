@@ -1,4 +1,5 @@
-"""The install files agree with each other and the top level is the one DESIGN §2 fixes."""
+"""The install files agree with each other, the top level is the one the design fixes, and the
+repository explains itself: nothing in it points outside it."""
 
 import tomllib
 from pathlib import Path
@@ -27,8 +28,8 @@ def test_environment_yml_pip_section_matches_pyproject():
 
 
 def test_top_level_layout():
-    for name in ("notebooks", "hsr_lib", "params", "tests", "environment.yml", "README.md", "pyproject.toml",
-                 ".ci/run"):
+    for name in ("notebooks", "hsr_lib", "params", "tests", "docs", "environment.yml", "README.md", "pyproject.toml",
+                 ".ci/run", "hsr_lib/steps"):
         assert (ROOT / name).exists(), name
     assert "torch==2.13.0" in (ROOT / "Makefile").read_text()
     assert "make test" in (ROOT / ".ci" / "run").read_text()
@@ -39,3 +40,18 @@ def test_top_level_layout():
 def test_console_script_declared():
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert py["scripts"]["hsr"] == "hsr_lib.cli:main"
+
+
+def test_nothing_points_outside_the_repository():
+    """A user's clone has no ../shared and no design notes beside it: the docs/ folder is the reference."""
+    import re
+
+    bad = []
+    for path in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("notebooks/*.ipynb"),
+                 *ROOT.glob("hsr_lib/**/*.py"), *ROOT.glob("params/**/*.yaml")]:
+        text = path.read_text()
+        if "../shared" in text or re.search(r"DESIGN(\.md)? ?§", text):
+            bad.append(str(path.relative_to(ROOT)))
+    assert bad == []
+    for link in re.findall(r"\]\((docs/[^)#]+)", (ROOT / "README.md").read_text()):
+        assert (ROOT / link).is_file(), link

@@ -1,4 +1,4 @@
-"""Tests for hsr_lib.prompts: chat-template prompts, calibration samples and response spans (DESIGN §4)."""
+"""Tests for hsr_lib.prompts: chat-template prompts, calibration samples and response spans (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pruning (DESIGN §8): patterns, SparseGPT against a plain dense OBS, sequential calibration,
+"""Pruning (docs/method.md): patterns, SparseGPT against a plain dense OBS, sequential calibration,
 GQA and Mllama models, refused inputs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HSR set operation and head regions on hand-made matrices (DESIGN §9)."""
+"""The HSR set operation and head regions on hand-made matrices (docs/method.md)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Importance scores (DESIGN §7): each equals a brute-force computation with explicit loops over
+"""Importance scores (docs/method.md): each equals a brute-force computation with explicit loops over
 samples and tokens on a full-model forward, for MHA, GQA and Mllama tiny models."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluation (notebook 06, DESIGN §10): greedy generation, refusal judges, SafeBench / Ch3Ef /
+"""Evaluation (notebook 06, docs/method.md): greedy generation, refusal judges, SafeBench / Ch3Ef /
 MMBench / DocVQA / VLGuard in their real formats, ASR, utility and RSR.
 
 Modules: ``items`` (EvalItem), ``benchmarks`` (loaders), ``figstep`` (typographic images),

@@ -1,4 +1,4 @@
-"""The steps of a run, one module each and all of one shape (DESIGN §2, §14):
+"""The steps of a run, one module each and all of one shape (docs/library.md):
 
 ``spec(params) -> Spec``  the step's key and fingerprint, from params alone;
 ``run(run, *, upstream="compute", progress=True) -> Result``  compute, or reuse when done;

@@ -1,6 +1,6 @@
 """The data step (notebook 01): VLGuard (or the synthetic stand-in) → the three sets and the
 seeded samples that Ships and the importance scores use, saved as JSONL in
-``data/<synthetic|vlguard>-<hash>/`` (DESIGN §4).
+``data/<synthetic|vlguard>-<hash>/`` (docs/method.md).
 
 Downstream steps do not take this step's whole fingerprint: each takes the fingerprint of the
 one sample it reads (:func:`sample_fingerprint`), so changing ``data.n_scores`` leaves Ships alone.

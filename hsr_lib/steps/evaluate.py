@@ -1,5 +1,5 @@
 """The evaluation step (notebook 06): generate with every variant ``eval.variants`` names on every
-benchmark, judge, score and tabulate (DESIGN §10).
+benchmark, judge, score and tabulate (docs/method.md).
 
 Answers are keyed by what they depend on, ``evaluate/responses/<variant>-<hash>/<benchmark>.jsonl``
 (resumable; shared by every evaluation that needs that variant with the same generation

@@ -1,5 +1,5 @@
 """The prune step (notebook 04): prune the dense model with Wanda, SparseGPT or SNIP, calibrated on
-the utility sample (DESIGN §8), into ``prune/<method>-<sparsity>-<pattern>-<hash>/``:
+the utility sample (docs/method.md), into ``prune/<method>-<sparsity>-<pattern>-<hash>/``:
 
 ``mask.safetensors``     bit-packed, True = pruned (:mod:`hsr_lib.masks`): the set P
 ``weights.safetensors``  SparseGPT only: the updated weights of every pruned module

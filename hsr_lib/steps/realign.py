@@ -1,6 +1,6 @@
 """The realignment step (notebook 05): pick the heads, compute the restored set R of every
 attention linear of their layers, and save what rebuilds the realigned model from the dense
-checkpoint (DESIGN §9), into ``realign/<variant>-p<p>-q<q>-pmax<p_max>-h<top_h>[-s<seed>]-<hash>/``:
+checkpoint (docs/method.md), into ``realign/<variant>-p<p>-q<q>-pmax<p_max>-h<top_h>[-s<seed>]-<hash>/``:
 
 ``mask.safetensors``      the realigned mask (bit-packed, True = still pruned)
 ``restored.safetensors``  flat indices of the restored entries R, per module

@@ -1,5 +1,5 @@
 """The scores step (notebook 03): Wanda / SparseGPT / SNIP importance of every prunable linear on
-the dense model, on the safety set (S) and on the utility set (U) (DESIGN §7).
+the dense model, on the safety set (S) and on the utility set (U) (docs/method.md).
 
 Each method is its own keyed folder, ``scores/<method>-<hash>/`` with ``safety.safetensors``,
 ``utility.safetensors`` (one tensor per module, key ``layers.{i}.{module}``) and

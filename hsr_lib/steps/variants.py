@@ -75,7 +75,7 @@ def status(run: Run, names: list[str]) -> list[dict[str, Any]]:
 
 
 def load_variant(run: Run, name: str, upstream: str = "compute", progress: bool = True) -> LoadedModel:
-    """Load a variant of the run's model (DESIGN §8-9), computing its artifacts first when they are
+    """Load a variant of the run's model (docs/method.md), computing its artifacts first when they are
     missing (``upstream='refuse'``: a MissingUpstream error naming them instead)."""
     kind, _ = parse(name)
     if kind == "dense":

@@ -1,4 +1,4 @@
-"""The benchmarks of notebook 06, each read from its real file format (DESIGN §10).
+"""The benchmarks of notebook 06, each read from its real file format (docs/method.md).
 
 ``load_benchmark(name, data_roots)`` finds the data under ``eval.data_roots[name]`` (VLGuard's
 subsets also look under ``data_roots["vlguard"]``) and returns :class:`~..items.EvalItem`s.

@@ -2,7 +2,7 @@
 instructions on safe images ("safe_unsafes"), judged by refusal.
 
 Format: ``test.json`` from huggingface.co/datasets/ys-zong/VLGuard, the schema of ``train.json``
-(DESIGN §4), images under ``test/``. The subsets are those of VLGuard's ``utils/utils.py``
+(docs/method.md), images under ``test/``. The subsets are those of VLGuard's ``utils/utils.py``
 ``load_data``: ``unsafes`` = records with ``safe: false`` and their ``instruction``;
 ``safe_unsafes`` = records with ``safe: true`` and their ``unsafe_instruction``.
 """

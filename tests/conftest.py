@@ -171,3 +171,26 @@ def _tiny_guard(path, verdict: str):
 def tiny_guard():
     """``tiny_guard(folder, "safe" | "unsafe")`` saves a Llama-Guard-shaped stand-in judge there."""
     return _tiny_guard
+
+
+def check_save_model_in_step(step, run, monkeypatch):
+    """``step`` (steps.prune or steps.realign) with ``save_model`` on: a crash while saving leaves
+    the step unfinished, the next run finishes it with the model, and a finished step missing its
+    model gets it rebuilt without being recomputed. Returns the result."""
+    import shutil
+
+    def broken(lm, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(step, "save_model_dir", broken)
+    with pytest.raises(OSError, match="disk full"):
+        step.run(run, progress=False)
+    assert not run.is_done(step.spec(run.params))
+    monkeypatch.undo()
+    res = step.run(run, progress=False)
+    assert (res.dir / "model" / "config.json").is_file()
+    shutil.rmtree(res.dir / "model")
+    marker = (res.dir / "_step.json").read_text()
+    again = step.run(run, progress=False)
+    assert (again.dir / "model" / "config.json").is_file() and (again.dir / "_step.json").read_text() == marker
+    return again

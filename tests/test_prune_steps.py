@@ -89,23 +89,7 @@ def test_build_needs_the_artifacts_and_the_same_model(tmp_path):
 
 
 def test_save_model_is_part_of_the_prune_step(tmp_path, monkeypatch):
-    """A crash while saving leaves the step unfinished; a finished step asked for its model later
-    (or missing it) gets it rebuilt from the artifacts."""
-    run = make_run(tmp_path, **{"pruning.save_model": True})
+    from conftest import check_save_model_in_step
 
-    def broken(lm, path):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(steps.prune, "save_model_dir", broken)
-    with pytest.raises(OSError, match="disk full"):
-        steps.prune.run(run, progress=False)
-    assert not run.is_done(steps.prune.spec(run.params))
-    monkeypatch.undo()
-    res = steps.prune.run(run, progress=False)
-    assert (res.dir / "model" / "config.json").is_file()
-    import shutil
-
-    shutil.rmtree(res.dir / "model")
-    marker = (res.dir / "_step.json").read_text()
-    again = steps.prune.run(run, progress=False)
-    assert (again.dir / "model" / "config.json").is_file() and (again.dir / "_step.json").read_text() == marker
+    res = check_save_model_in_step(steps.prune, make_run(tmp_path, **{"pruning.save_model": True}), monkeypatch)
+    assert load_model(str(res.dir / "model")).family == "qwen2_5_vl"

@@ -1,7 +1,11 @@
 """``hsr``: run the notebooks of the pipeline in order with papermill, or show resolved params.
 
-    hsr run params/tiny.yaml [-p pruning.sparsity=0.6 ...] [--from 02] [--to 05]
+    hsr run params/tiny.yaml [-p pruning.sparsity=0.6 ...] [--from 02] [--to 05] [--verify] [--force STEP|all]
     hsr params params/tiny.yaml [-p KEY=VALUE ...]
+
+Exit codes: 0 done, 1 a step failed (the message names the notebook, its error and the executed
+copy), 2 bad params or inputs (named before any notebook starts), 3 a step's key is locked by
+another process, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from pathlib import Path
 
 from .notebook import PROJECT_ROOT, read_records
 from .params import ParamsError, load_params
+from .preflight import InputError, check, steps_for
 from .progress import TEXT_ENV
-from .runs import Run
+from .runs import FORCE_ENV, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run
 
 NOTEBOOK = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def notebooks(directory: Path, first: str | None = None, last: str | None = None) -> list[Path]:
@@ -28,20 +34,46 @@ def notebooks(directory: Path, first: str | None = None, last: str | None = None
     return [p for p in found if lo <= int(p.name[:2]) <= hi]
 
 
-def run_pipeline(params_path: str, overrides: list[str], first: str | None = None, last: str | None = None,
-                 notebook_dir: Path | None = None) -> int:
-    """Execute the notebooks into ``<run>/notebooks``; stop at the first that fails. Returns an exit code."""
+def _execute(nb: Path, out: Path, run: Run) -> None:
+    """Execute ``nb`` into a hidden working copy; only a success replaces ``out`` (the last good
+    executed copy), a failure is kept beside it as ``NN_name.failed.ipynb``."""
     import papermill as pm
 
-    P = load_params(params_path, overrides)
-    run = Run.open(P)
-    todo = notebooks(notebook_dir or PROJECT_ROOT / "notebooks", first, last)
+    work = out.with_name(f".{out.stem}.running.ipynb")
+    failed = out.with_name(f"{out.stem}.failed.ipynb")
+    try:
+        pm.execute_notebook(str(nb), str(work), parameters={"params_path": None, "overrides": run.params.to_dict()},
+                            cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=sys.stderr.isatty())
+    except BaseException:
+        if work.exists():
+            os.replace(work, failed)
+        raise
+    os.replace(work, out)
+    failed.unlink(missing_ok=True)
+
+
+def run_pipeline(params_path: str, overrides: list[str], first: str | None = None, last: str | None = None,
+                 notebook_dir: Path | None = None, verify: bool = False, force: tuple[str, ...] = ()) -> int:
+    """Check everything, then execute the notebooks into ``<run>/notebooks``; stop at the first that
+    fails. Returns an exit code."""
+    import papermill as pm
+
+    folder = notebook_dir or PROJECT_ROOT / "notebooks"
+    todo = notebooks(folder, first, last)
     if not todo:
-        print(f"hsr: no notebooks NN_*.ipynb in {notebook_dir or PROJECT_ROOT / 'notebooks'} "
-              f"between {first or '00'} and {last or '99'}", file=sys.stderr)
-        return 2
+        print(f"hsr: no notebooks NN_*.ipynb in {folder} between {first or '00'} and {last or '99'}", file=sys.stderr)
+        return EXIT_INPUT
+    P = load_params(params_path, overrides)
+    from .runs import resolve_paths
+
+    P = resolve_paths(P)
+    check(P, steps_for(int(p.name[:2]) for p in todo))
+    run = Run.open(P, verify=verify, force=force)
     print(f"hsr: run {run.dir} ({P.model.name}, fidelity {P.fidelity}), {len(todo)} notebook(s)")
-    os.environ[TEXT_ENV] = "1"  # kernels inherit it: text progress bars in the executed copies
+    os.environ[TEXT_ENV] = "1"  # kernels inherit these: text progress bars, and this invocation's options
+    os.environ[TOKEN_ENV] = run.token
+    os.environ[VERIFY_ENV] = "1" if verify else ""
+    os.environ[FORCE_ENV] = ",".join(force)
     out_dir = run.dir / "notebooks"
     out_dir.mkdir(exist_ok=True)
     total = time.perf_counter()
@@ -50,20 +82,27 @@ def run_pipeline(params_path: str, overrides: list[str], first: str | None = Non
         print(f"[{i}/{len(todo)}] {nb.stem} ...", flush=True)
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb), str(out), parameters={"params_path": str(run.params_path)},
-                                cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=sys.stderr.isatty())
+            _execute(nb, out, run)
         except pm.PapermillExecutionError as err:
             wall = round(time.perf_counter() - t0, 2)
-            run.update_manifest("notebooks", nb.stem, {"wall_s": wall, "status": "failed", "path": str(out)})
+            failed = out.with_name(f"{out.stem}.failed.ipynb")
+            entry = {"wall_s": wall, "status": "failed", "path": str(failed.relative_to(run.dir)), "error": err.ename}
+            run.record_notebook(nb.stem, entry)
             print(f"hsr: {nb.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                  f"     executed copy: {out}", file=sys.stderr)
-            return 1
+                  f"     executed copy: {failed}", file=sys.stderr)
+            return EXIT_LOCKED if err.ename == "LockHeld" else EXIT_FAILED
         wall = round(time.perf_counter() - t0, 2)
-        run.update_manifest("notebooks", nb.stem, {"wall_s": wall, "status": "ok", "path": str(out),
-                                                   "records": read_records(out)})
+        run.record_notebook(nb.stem, {"wall_s": wall, "status": "ok", "path": str(out.relative_to(run.dir)),
+                                      "records": read_records(out)})
         print(f"      done in {wall:.1f}s -> {out}", flush=True)
     print(f"hsr: finished in {time.perf_counter() - total:.1f}s; manifest {run.dir / 'manifest.json'}")
-    return 0
+    return EXIT_OK
+
+
+def _force(value: str) -> str:
+    if value != "all" and value not in STEP_NAMES:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a step ({', '.join(STEP_NAMES)}) or all")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--from", dest="first", metavar="NN", help="first notebook number to run (e.g. 02)")
     r.add_argument("--to", dest="last", metavar="NN", help="last notebook number to run (e.g. 05)")
     r.add_argument("--notebooks", type=Path, default=None, help="folder of the notebooks (default: the project's)")
+    r.add_argument("--verify", action="store_true", help="re-hash every artifact before trusting it")
+    r.add_argument("--force", action="append", default=[], type=_force, metavar="STEP",
+                   help="recompute this step (or all) even when its artifacts are intact (repeatable)")
     s = sub.add_parser("params", help="print the resolved params (defaults, file, overrides merged)")
     s.add_argument("params", nargs="?", default=None)
     s.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
@@ -84,16 +126,22 @@ def main(argv: list[str] | None = None) -> int:
         v = getattr(args, flag, None)
         if v is not None and not re.fullmatch(r"\d{1,2}", v):
             ap.error(f"--{'from' if flag == 'first' else 'to'} {v!r}: give a notebook number such as 02")
+    if args.cmd == "run" and args.first and args.last and int(args.first) > int(args.last):
+        ap.error(f"--from {args.first} comes after --to {args.last}")
     try:
         if args.cmd == "params":
             import yaml
 
             print(yaml.safe_dump(load_params(args.params, args.param).to_dict(), sort_keys=False), end="")
-            return 0
-        return run_pipeline(args.params, args.param, args.first, args.last, args.notebooks)
-    except ParamsError as err:
+            return EXIT_OK
+        return run_pipeline(args.params, args.param, args.first, args.last, args.notebooks, args.verify,
+                            tuple(args.force))
+    except (ParamsError, InputError) as err:
         print(f"hsr: {err}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("hsr: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

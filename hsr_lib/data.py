@@ -157,21 +157,34 @@ def load_records(train_json: str | os.PathLike) -> list[dict]:
     return data
 
 
+def inside_root(root: str | os.PathLike, relative: str, where: str, allow_outside: bool = False) -> Path:
+    """``root / relative`` after checking that it exists and, symlinks resolved, lies inside
+    ``root`` (unless ``allow_outside``); a DataError naming ``where`` and the path otherwise."""
+    root = Path(root).resolve()
+    path = root / relative
+    if not path.is_file():
+        raise DataError(f"{where}: image file not found: {str(path)!r}")
+    if not allow_outside and not path.resolve().is_relative_to(root):
+        raise DataError(f"{where}: image path {relative!r} resolves outside its root {str(root)!r} "
+                        f"(to {str(path.resolve())!r}); set data.allow_outside_root: true to accept it")
+    return path
+
+
 def split_records(
-    records: Sequence[dict], image_root: str | os.PathLike, source: str | os.PathLike | None = None
+    records: Sequence[dict], image_root: str | os.PathLike, source: str | os.PathLike | None = None,
+    allow_outside: bool = False,
 ) -> dict[str, list[Sample]]:
     """Split validated records into ``safety`` / ``utility`` / ``safe_unsafe`` (train.json order).
 
-    ``source`` (the train.json path) is only used in error messages.
+    ``source`` (the train.json path) is only used in error messages; an image path that does not
+    resolve inside ``image_root`` is refused unless ``allow_outside``.
     """
     root = Path(image_root).resolve()
     src = str(source) if source is not None else "train.json"
     out: dict[str, list[Sample]] = {k: [] for k in SPLITS}
     for rec in records:
         rid = str(rec["id"])
-        img = root / rec["image"]
-        if not img.is_file():
-            raise DataError(f"record id {rid!r} in {src!r}: image file not found: {str(img)!r}")
+        img = inside_root(root, rec["image"], f"record id {rid!r} in {src!r}", allow_outside)
         cat = rec.get("harmful_category")
         entries = rec["instr-resp"]
 
@@ -228,11 +241,33 @@ def check_images(samples: Iterable[Sample]) -> int:
     return n
 
 
-def save_samples(path: str | os.PathLike, samples: Iterable[Sample]) -> Path:
-    """Write samples as JSONL (atomic)."""
-    return atomic_write_jsonl(path, (s.to_dict() for s in samples))
+def save_samples(path: str | os.PathLike, samples: Iterable[Sample], root: str | os.PathLike | None = None) -> Path:
+    """Write samples as JSONL (atomic); with ``root``, image paths inside it are stored relative to
+    it, so the file stays valid when its data root (or the run directory holding it) moves."""
+    def row(s: Sample) -> dict[str, Any]:
+        d = s.to_dict()
+        if root is not None and Path(s.image).is_relative_to(root):
+            d["image"] = str(Path(s.image).relative_to(root))
+        return d
+    return atomic_write_jsonl(path, (row(s) for s in samples))
 
 
-def load_samples(path: str | os.PathLike) -> list[Sample]:
-    """Read samples written by :func:`save_samples`."""
-    return [Sample.from_dict(d) for d in read_jsonl(path)]
+def load_samples(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Sample]:
+    """Read samples written by :func:`save_samples`; relative image paths are resolved against ``root``."""
+    out = []
+    for d in read_jsonl(path):
+        if root is not None and not Path(d.get("image", "")).is_absolute():
+            d = {**d, "image": str(Path(root) / d["image"])}
+        out.append(Sample.from_dict(d))
+    return out
+
+
+def sample_size(n: int | str, available: int, key: str, split: str) -> int:
+    """The number of records a sample draws: ``n``, or every one for 'all'; more than the split holds
+    is an error naming the key and the split's size."""
+    if n == "all":
+        return available
+    if n > available:
+        raise DataError(f"{key} = {n} but the {split} split has only {available} records; lower it, or set "
+                        f"{key}: all to take every record")
+    return int(n)

@@ -16,6 +16,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from .io import honour_umask
+
 FORMAT = "hsr-packbits-v1"
 
 
@@ -45,6 +47,7 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata=dict(metadata or {}))
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -42,7 +42,18 @@ def _yaml12(cls: type) -> type:
 
 @_yaml12
 class _Loader(yaml.SafeLoader):
-    """Safe YAML loader with YAML 1.2 numbers."""
+    """Safe YAML loader with YAML 1.2 numbers that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice "
+                    f"(first on line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -110,6 +121,12 @@ def _pattern(v: str) -> str | None:
     return None
 
 
+def _plain_name(v: str) -> str | None:
+    """Check run_name: a folder name, not a path."""
+    bad = not v.strip() or v in (".", "..") or any(c in v for c in "/\\\0") or v != v.strip()
+    return f"must be a plain folder name, without path separators (got {v!r})" if bad else None
+
+
 def _device(v: str) -> str | None:
     """Check model.device."""
     ok = re.fullmatch(r"auto|cpu|cuda|cuda:\d+", v)
@@ -131,11 +148,15 @@ class DataParams:
     """Where the VLGuard data is and how many records each step samples."""
     vlguard_root: str | None = _f(None, "folder of a VLGuard download (holds train.json); null: synthetic data")
     train_json: str = _f("train.json", "annotation file, relative to vlguard_root")
-    image_root: str | None = _f(None, "folder the records' image paths are relative to (null: vlguard_root)")
+    image_root: str | None = _f(None, "folder the records' image paths are relative to (null: vlguard_root/train "
+                                "when it exists, else vlguard_root)")
+    allow_outside_root: bool = _f(False, "accept image paths that resolve outside their root (symlinks followed)")
     n_synthetic: int = _f(48, "records of the synthetic VLGuard-shaped set", "[4, inf)")
-    n_ships: int = _f(128, "harmful prompts sampled for the Ships head scores", "[1, inf)")
+    n_ships: Literal["all"] | int = _f(128, "harmful prompts sampled for the Ships head scores (all: every one)",
+                                       "[1, inf)")
     seed_ships: int = _f(114514, "sampling seed of the Ships prompts")
-    n_scores: int = _f(128, "calibration samples per set (safety, utility) for importance scores", "[1, inf)")
+    n_scores: Literal["all"] | int = _f(128, "calibration samples per set (safety, utility) for importance scores "
+                                        "(all: every record)", "[1, inf)")
     seed_scores: int = _f(0, "sampling seed of the calibration samples")
 
 
@@ -247,7 +268,7 @@ TOP_KEYS = ("run_name", "runs_dir", "fidelity", "seed")
 @dataclass(frozen=True)
 class Params:
     """All parameters of a run; sections are attributes (``P.pruning.sparsity``)."""
-    run_name: str = _f("tiny", "name of the run directory under runs_dir")
+    run_name: str = _f("tiny", "name of the run directory under runs_dir (a plain name)", _plain_name)
     runs_dir: str = _f("runs", "folder holding the run directories")
     fidelity: Literal["paper", "reference"] = _f("paper", "paper (the text) or reference (the released code)")
     seed: int = _f(0, "global seed")
@@ -413,9 +434,13 @@ def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, dic
         data = _yaml_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ParamsError(f"{src}: cannot read params file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{src}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
-        raise ParamsError(f"{src}: not valid YAML: {e}") from None
-    data = {} if data is None else data
+        raise ParamsError(f"{src}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not data:
+        raise ParamsError(f"{src}: the params file is empty; give at least one key (or extends: a base file), "
+                          "e.g. copy params/tiny.yaml")
     if not isinstance(data, dict):
         raise ParamsError(f"{src}: a params file must be a mapping of keys to values "
                           f"(got {type(data).__name__})")
@@ -430,7 +455,28 @@ def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, dic
         if bpath.resolve() in chain:
             raise ParamsError(f"{src}: extends: cycle " + " -> ".join(str(p) for p in chain + (bpath.resolve(),)))
         layers = _read_chain(bpath, chain)
-    return layers + [(src, _flatten(data, src))]
+    return layers + [(src, relative_to(_flatten(data, src), path.parent))]
+
+
+PATH_KEYS = ("runs_dir", "data.vlguard_root", "data.image_root", "eval.llm_judge_path")
+
+
+def relative_to(flat: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The path keys of one layer made absolute against ``base``: the folder of the params file
+    that sets them (the current directory for overrides and defaults)."""
+    def fix(v: Any) -> Any:
+        if not isinstance(v, str) or not v:
+            return v
+        p = Path(v).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    out = dict(flat)
+    for key in PATH_KEYS:
+        if key in out:
+            out[key] = fix(out[key])
+    if isinstance(out.get("eval.data_roots"), Mapping):
+        out["eval.data_roots"] = {k: fix(v) for k, v in out["eval.data_roots"].items()}
+    return out
 
 
 def _parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | str | None) -> dict[str, Any]:
@@ -492,7 +538,7 @@ def load_params(path: str | Path | None = None,
                 overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Params:
     """Defaults of the fidelity mode, then the params file chain at ``path``, then ``overrides``."""
     layers = _read_chain(Path(path)) if path is not None else []
-    layers.append(("override", _parse_overrides(overrides)))
+    layers.append(("override", relative_to(_parse_overrides(overrides), Path.cwd())))
     fidelity, fsrc = "paper", "default"
     for src, layer in layers:  # later layers win: overrides, then the leaf file, then its bases
         if "fidelity" in layer:

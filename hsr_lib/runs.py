@@ -6,8 +6,17 @@ per step, ``<step>/<key>/``, where the key is the step's main settings plus a sh
 everything that determines it (:class:`Spec`): the params it reads and its upstream artifacts'
 fingerprints. Settings therefore coexist, and each is computed once. A step works in
 ``<step>/.<key>.partial/`` and the folder gets its key only when the step finishes, with a
-``_step.json`` marker inside (fingerprint, wall time); a crash leaves the partial folder, whose
-saved progress the next attempt resumes from.
+``_step.json`` marker inside (fingerprint, wall time, and the size, modification time and content
+hash of every artifact); a crash leaves the partial folder, whose saved progress the next attempt
+resumes from.
+
+Trust (docs/run-directory.md): a finished folder counts as done only while its artifacts are the ones its
+marker lists: a missing file or another size is a mismatch, another modification time is
+re-hashed, and ``verify=True`` (``hsr run --verify``) re-hashes everything; a mismatch is named and
+the step recomputed. ``force`` names steps to recompute once in this invocation. One writer per
+key: computing a key holds a lock beside its folder (the holder's pid, host and start time are
+kept for the message another writer gets); a lock whose holder died is taken over with a message.
+``params.yaml`` and the manifest are written only when a step has actually run.
 """
 
 from __future__ import annotations
@@ -24,13 +33,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from .io import atomic_write_json, read_json, stable_hash
+from .io import atomic_write_json, file_hash, read_json, stable_hash
 from .params import Params, load_params
 
 MARKER = "_step.json"
+VERIFY_ENV, FORCE_ENV, TOKEN_ENV = "HSR_VERIFY", "HSR_FORCE", "HSR_INVOCATION"  # set by `hsr run` for its kernels
 STEP_NAMES = ("data", "ships", "scores", "prune", "realign", "evaluate")
 PATH_KEYS = ("runs_dir", "data.vlguard_root", "data.image_root", "eval.llm_judge_path")
 HASH_LEN = 10
+EXPORTS = ("model",)  # folders that export a result (an HF model directory): rebuilt from the artifacts, not hashed
 
 
 @dataclass(eq=False)
@@ -124,32 +135,46 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-class Run:
-    """One run directory; open it with :meth:`Run.open`."""
+class LockHeld(RuntimeError):
+    """Another process is computing the same keyed folder."""
 
-    def __init__(self, params: Params, directory: Path):
+
+_SAID: set[str] = set()  # integrity messages already printed by this process
+
+
+def _say(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"[hsr] {message}", flush=True)
+
+
+class Run:
+    """One run directory; open it with :meth:`Run.open`.
+
+    ``verify`` re-hashes every artifact before trusting it; ``force`` holds step names (or 'all')
+    to recompute once in this invocation (``token`` identifies the invocation). By default they
+    come from the environment ``hsr run`` gives its notebooks."""
+
+    def __init__(self, params: Params, directory: Path, verify: bool | None = None,
+                 force: tuple[str, ...] | None = None, token: str | None = None):
         self.params = params
         self.dir = Path(directory)
+        self.verify = bool(os.environ.get(VERIFY_ENV)) if verify is None else verify
+        self.force = tuple(x for x in os.environ.get(FORCE_ENV, "").split(",") if x) if force is None else force
+        self.token = token or os.environ.get(TOKEN_ENV) or f"{platform.node()}-{os.getpid()}-{time.time_ns()}"
 
     @classmethod
-    def open(cls, params: Params, base: str | Path | None = None) -> "Run":
-        """Create (or reopen) ``<runs_dir>/<run_name>``, write the resolved params and manifest."""
+    def open(cls, params: Params, base: str | Path | None = None, **options: Any) -> "Run":
+        """``<runs_dir>/<run_name>`` for ``params`` (created when missing); nothing else is written
+        until a step runs."""
         P = resolve_paths(params, base)
-        run = cls(P, Path(P.runs_dir) / P.run_name)
+        run = cls(P, Path(P.runs_dir) / P.run_name, **options)
         run.dir.mkdir(parents=True, exist_ok=True)
-        P.save(run.params_path)
-        manifest = run.manifest()
-        manifest.update(environment())
-        manifest.setdefault("created", _now())
-        manifest["updated"] = _now()
-        manifest["fidelity"] = P.fidelity
-        manifest.setdefault("steps", {})
-        atomic_write_json(run.dir / "manifest.json", manifest)
         return run
 
     def using(self, params: Params) -> "Run":
         """The same run directory seen with other params (nothing is written)."""
-        return Run(params, self.dir)
+        return Run(params, self.dir, self.verify, self.force, self.token)
 
     @property
     def params_path(self) -> Path:
@@ -158,13 +183,6 @@ class Run:
     def manifest(self) -> dict[str, Any]:
         path = self.dir / "manifest.json"
         return read_json(path) if path.exists() else {}
-
-    def update_manifest(self, section: str, key: str, value: Any) -> None:
-        """Set ``manifest[section][key] = value`` atomically."""
-        m = self.manifest()
-        m.setdefault(section, {})[key] = value
-        m["updated"] = _now()
-        atomic_write_json(self.dir / "manifest.json", m)
 
     def path(self, spec: Spec) -> Path:
         """The keyed folder of ``spec`` (it exists once the step has finished)."""
@@ -175,13 +193,43 @@ class Run:
         return self.dir / spec.step / f".{spec.key}.partial"
 
     def recorded(self, spec: Spec) -> dict[str, Any]:
-        """The marker of the finished folder ({} when there is none)."""
+        """The marker of the finished folder ({} when there is none, or when it is unreadable)."""
         path = self.path(spec) / MARKER
-        return read_json(path) if path.is_file() else {}
+        try:
+            return read_json(path) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def problem(self, spec: Spec) -> str | None:
+        """Why ``spec``'s folder cannot be used as it is (None when it can)."""
+        rec = self.recorded(spec)
+        if not rec:
+            return "not computed"
+        if rec.get("fingerprint") != spec.fingerprint:
+            return "made with other inputs"
+        if (spec.step in self.force or "all" in self.force) and rec.get("invocation") != self.token:
+            return "forced"
+        folder = self.path(spec)
+        for name, (size, mtime_ns, digest) in rec.get("files", {}).items():
+            path = folder / name
+            try:
+                st = path.stat()
+            except OSError:
+                return f"{path} is missing"
+            if st.st_size != size:
+                return f"{path} changed since it was written ({st.st_size} bytes, {size} recorded)"
+            if (self.verify or st.st_mtime_ns != mtime_ns) and file_hash(path) != digest:
+                return f"{path} changed since it was written (its content hash differs)"
+        return None
 
     def is_done(self, spec: Spec) -> bool:
-        """True when the keyed folder exists, finished, with this fingerprint."""
-        return self.recorded(spec).get("fingerprint") == spec.fingerprint
+        """True when the keyed folder finished with this fingerprint and its artifacts are intact.
+        A finished folder that fails a check is named in a printed line (it will be recomputed)."""
+        why = self.problem(spec)
+        if why in (None, "not computed", "made with other inputs"):
+            return why is None
+        _say(f"{spec.where}: {why}; recomputing it")
+        return False
 
     def keys(self, step: str) -> list[str]:
         """The finished keys of ``step`` in this run directory, sorted."""
@@ -189,22 +237,80 @@ class Run:
         return sorted(p.name for p in d.iterdir() if (p / MARKER).is_file()) if d.is_dir() else []
 
     @contextmanager
+    def lock(self, spec: Spec) -> Iterator[None]:
+        """Hold the one-writer lock of ``spec``'s key; :class:`LockHeld` naming the holder when
+        another live process holds it. A lock left by a dead holder is taken over with a message."""
+        from filelock import FileLock, Timeout
+
+        folder = self.dir / spec.step
+        folder.mkdir(parents=True, exist_ok=True)
+        holder = folder / f".{spec.key}.holder.json"
+        lock = FileLock(str(folder / f".{spec.key}.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            try:
+                h = read_json(holder)
+                who = f"pid {h['pid']} on {h['host']} since {h['since']}"
+            except (OSError, ValueError, KeyError):
+                who = "another process"
+            raise LockHeld(f"{spec.where} is being computed by {who} (lock {folder / f'.{spec.key}.lock'})") from None
+        try:
+            if holder.is_file():
+                try:
+                    h = read_json(holder)
+                    _say(f"{spec.where}: taking over the lock of pid {h.get('pid')} on {h.get('host')} "
+                         f"(since {h.get('since')}), which ended without releasing it")
+                except (OSError, ValueError):
+                    pass
+            atomic_write_json(holder, {"pid": os.getpid(), "host": platform.node(), "since": _now()})
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
+
+    @contextmanager
     def step(self, spec: Spec) -> Iterator[Path]:
-        """Run a step's body in its staging folder; on success record the marker and move the
-        folder to its key. A failure leaves the staging folder (and its saved progress) behind."""
-        stage = self.staging(spec)
-        stage.mkdir(parents=True, exist_ok=True)
-        (stage / MARKER).unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        yield stage
-        wall = round(time.perf_counter() - t0, 3)
-        record = {"step": spec.step, "key": spec.key, "fingerprint": spec.fingerprint, "wall_s": wall,
-                  "finished": _now(), "reads": spec.reads,
-                  "upstream": {u.step: u.key for u in spec.upstream}}
-        atomic_write_json(stage / MARKER, record)
-        final = self.path(spec)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(stage, final)
-        self.update_manifest("steps", spec.where, {"wall_s": wall, "fingerprint": spec.fingerprint,
-                                                   "finished": record["finished"]})
+        """Run a step's body in its staging folder, holding its key's lock; on success record the
+        marker (with every artifact's size, modification time and hash) and move the folder to its
+        key, then record the params and the manifest. A failure leaves the staging folder (and its
+        saved progress) behind and the finished folder, params and manifest untouched."""
+        with self.lock(spec):
+            stage = self.staging(spec)
+            stage.mkdir(parents=True, exist_ok=True)
+            (stage / MARKER).unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            yield stage
+            wall = round(time.perf_counter() - t0, 3)
+            files = {}
+            for path in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != MARKER
+                               and p.relative_to(stage).parts[0] not in EXPORTS):
+                st = path.stat()
+                files[str(path.relative_to(stage))] = [st.st_size, st.st_mtime_ns, file_hash(path)]
+            record = {"step": spec.step, "key": spec.key, "fingerprint": spec.fingerprint, "wall_s": wall,
+                      "finished": _now(), "invocation": self.token, "reads": spec.reads,
+                      "upstream": {u.step: u.key for u in spec.upstream}, "files": files}
+            atomic_write_json(stage / MARKER, record)
+            final = self.path(spec)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(stage, final)
+        self.record_run(spec.where, {"wall_s": wall, "fingerprint": spec.fingerprint, "finished": record["finished"]})
+
+    def record_notebook(self, name: str, entry: dict[str, Any]) -> None:
+        """The manifest's entry of an executed notebook (the runner calls this after each one)."""
+        m = self.manifest()
+        m.setdefault("notebooks", {})[name] = entry
+        m["updated"] = _now()
+        atomic_write_json(self.dir / "manifest.json", m)
+
+    def record_run(self, where: str, entry: dict[str, Any]) -> None:
+        """After a step ran: the params it ran with, and the manifest (environment, the step's entry)."""
+        self.params.save(self.params_path)
+        m = self.manifest()
+        m.update(environment())
+        m.setdefault("created", _now())
+        m["fidelity"] = self.params.fidelity
+        m.setdefault("steps", {})[where] = entry
+        m["updated"] = _now()
+        atomic_write_json(self.dir / "manifest.json", m)

@@ -346,7 +346,10 @@ def test_paper_and_reference_settings():
     tiny = load_params(PARAMS_DIR / "tiny.yaml")
     assert tiny.model.name == "tiny:qwen2_5_vl" and tiny.realign.top_h == 4 and tiny.eval.max_new_tokens == 16
     qwen = load_params(PARAMS_DIR / "qwen2_5_vl_7b.yaml")
-    assert qwen.model.name == "Qwen/Qwen2.5-VL-7B-Instruct" and qwen.data.vlguard_root == "VLGuard"
+    root = PARAMS_DIR.parent  # paths in a params file are relative to its folder: ../VLGuard is the project's
+    assert qwen.model.name == "Qwen/Qwen2.5-VL-7B-Instruct" and qwen.data.vlguard_root == str(root / "VLGuard")
+    assert qwen.runs_dir == str(root / "runs") and qwen.eval.data_roots["mmbench"] == str(root / "eval_data" / "mmbench")
+    assert qwen.data.image_root is None  # <vlguard_root>/train when it exists
     assert (qwen.model.dtype, qwen.eval.max_new_tokens, qwen.data.n_ships, qwen.realign.top_h) == \
         ("bfloat16", 128, 128, 10)
     ref = load_params(PARAMS_DIR / "reference_llava_next_llama3_8b.yaml")

@@ -25,16 +25,23 @@ def P(*overrides):
     return load_params(TINY, list(overrides))
 
 
-def test_open_writes_resolved_params_and_manifest(tmp_path, monkeypatch):
+def test_params_and_manifest_are_written_only_when_a_step_ran(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Pr = load_params(None, ["runs_dir=out", "data.vlguard_root=vg"])
     run = Run.open(Pr)
-    assert run.dir == tmp_path / "out" / Pr.run_name
+    assert run.dir == tmp_path / "out" / Pr.run_name and sorted(run.dir.iterdir()) == []
+    s = Spec("data", "d", {"n": 1})
+    with run.step(s):
+        pass
     saved = load_params(run.params_path)
     assert saved.runs_dir == str(tmp_path / "out") and saved.data.vlguard_root == str(tmp_path / "vg")
     m = read_json(run.dir / "manifest.json")
     assert m["versions"]["torch"] and m["versions"]["transformers"] and m["device"]
-    assert m["fidelity"] == "paper" and m["steps"] == {}
+    assert m["fidelity"] == "paper" and list(m["steps"]) == [s.where]
+    with pytest.raises(RuntimeError):  # a failing step changes neither
+        with run.using(Pr.replace({"pruning.sparsity": 0.3})).step(Spec("prune", "p", {})):
+            raise RuntimeError("boom")
+    assert load_params(run.params_path).pruning.sparsity == 0.5 and list(read_json(run.dir / "manifest.json")["steps"]) == [s.where]
 
 
 def test_resolve_paths_keeps_hub_ids_and_tiny_names(tmp_path):
@@ -175,7 +182,7 @@ def _tiny_vlguard(root):
 def test_data_step_real_root_fingerprints_train_json(tmp_path):
     vg = tmp_path / "vg"
     _tiny_vlguard(vg)
-    run = make_run(tmp_path, f"data.vlguard_root={vg}")
+    run = make_run(tmp_path, f"data.vlguard_root={vg}", "data.n_ships=all", "data.n_scores=all")
     sets = steps.data.run(run)
     assert sets.dir.name.startswith("vlguard-")
     assert [s.question for s in sets.load("safety")] == ["bad 1", "bad 3"]
@@ -185,7 +192,7 @@ def test_data_step_real_root_fingerprints_train_json(tmp_path):
     recs = json.loads((vg / "train.json").read_text())
     recs[1]["instr-resp"][0]["instruction"] = "changed"
     (vg / "train.json").write_text(json.dumps(recs))
-    run2 = make_run(tmp_path, f"data.vlguard_root={vg}")
+    run2 = make_run(tmp_path, f"data.vlguard_root={vg}", "data.n_ships=all", "data.n_scores=all")
     assert steps.data.run(run2).load("safety")[0].question == "changed"
     assert steps.ships.spec(run2.params).key != ships_before  # new content, new downstream keys
 

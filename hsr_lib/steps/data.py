@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import (SPLITS, Sample, check_images, load_records, load_samples, resolve_vlguard, sample,
+from ..data import (SPLITS, Sample, check_images, load_records, load_samples, resolve_vlguard, sample, sample_size,
                     save_samples, split_records)
 from ..io import atomic_write_json, file_hash, stable_hash
 from ..params import Params
@@ -35,13 +35,16 @@ SYNTHETIC_SEED = 0
 
 @dataclass
 class DataSets(Result):
-    """The saved sets of a run: full splits and the seeded samples."""
+    """The saved sets of a run: full splits and the seeded samples. Image paths are stored
+    relative to the image root and resolved against ``root`` (so a moved run still finds them)."""
+
+    root: Path | None = None
 
     def load(self, name: str) -> list[Sample]:
         """A split ('safety', 'utility', 'safe_unsafe') or a sample ('ships_safety', ...)."""
         if name not in (*SPLITS, *SAMPLES):
             raise KeyError(f"unknown set {name!r}; sets: {', '.join((*SPLITS, *SAMPLES))}")
-        return load_samples(self.dir / f"{name}.jsonl")
+        return load_samples(self.dir / f"{name}.jsonl", self.root)
 
 
 @functools.lru_cache(maxsize=16)
@@ -58,9 +61,8 @@ def source(P: Params, run_dir: Path | None = None) -> tuple[Path | None, Path | 
         return (None if root is None else root / "train.json"), root, {"synthetic": d.n_synthetic,
                                                                          "seed": SYNTHETIC_SEED}
     train_json, image_root = resolve_vlguard(d.vlguard_root, d.train_json, d.image_root)
-    st = train_json.stat()
-    return train_json, image_root, {"train_json": _file_hash(str(train_json), st.st_size, st.st_mtime_ns),
-                                    "image_root": str(image_root)}
+    st = train_json.stat()  # content, not location: a moved download keeps its keys
+    return train_json, image_root, {"train_json": _file_hash(str(train_json), st.st_size, st.st_mtime_ns)}
 
 
 def synthetic_dir(run_dir: Path, n_records: int) -> Path:
@@ -87,7 +89,7 @@ def load(run: Run) -> DataSets:
     """The finished data step of ``run``'s params."""
     s = spec(run.params)
     d, summary = finished(run, s, "data")
-    return DataSets(d, s.key, summary)
+    return DataSets(d, s.key, summary, source(run.params, run.dir)[1])
 
 
 def _make_synthetic(root: Path, n_records: int) -> None:
@@ -111,20 +113,24 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> DataSe
     with run.step(s) as out:
         if d.vlguard_root is None:
             _make_synthetic(image_root, d.n_synthetic)
-        splits = split_records(load_records(train_json), image_root, source=train_json)
+        splits = split_records(load_records(train_json), image_root, source=train_json,
+                               allow_outside=d.allow_outside_root)
+        for items in splits.values():  # every image decodes before any set is written
+            check_images(items)
         for name, items in splits.items():
-            save_samples(out / f"{name}.jsonl", items)
+            save_samples(out / f"{name}.jsonl", items, image_root)
         drawn = {}
         for name, (split, n_key, seed_key) in SAMPLES.items():
-            items = sample(splits[split], getattr(d, n_key), getattr(d, seed_key))
-            check_images(items)
-            save_samples(out / f"{name}.jsonl", items)
+            n = sample_size(getattr(d, n_key), len(splits[split]), f"data.{n_key}", split)
+            items = sample(splits[split], n, getattr(d, seed_key))
+            save_samples(out / f"{name}.jsonl", items, image_root)
             drawn[name] = {"from": split, "n": len(items), "seed": getattr(d, seed_key),
                            "ids": [x.id for x in items]}
+        synthetic = d.vlguard_root is None
         summary = {
-            "source": "synthetic" if d.vlguard_root is None else str(train_json),
-            "train_json": str(train_json),
-            "image_root": str(image_root),
+            "source": "synthetic" if synthetic else str(train_json),
+            "train_json": str(train_json.relative_to(run.dir)) if synthetic else str(train_json),
+            "image_root": str(image_root.relative_to(run.dir)) if synthetic else str(image_root),
             "n_records": sum(len(v) for k, v in splits.items() if k != "safe_unsafe"),
             "splits": {k: len(v) for k, v in splits.items()},
             "samples": drawn,

@@ -24,7 +24,7 @@ from ..evaluate.items import EvalItem
 from ..evaluate.judges import agreement_table, make_judges
 from ..evaluate.metrics import score_item, summarize
 from ..evaluate.paper import results_table
-from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, stable_hash
+from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, file_hash, read_jsonl, stable_hash
 from ..params import Params
 from ..runs import Run, Spec
 from . import variants as V
@@ -86,11 +86,17 @@ def responses_key(P: Params, variant: str) -> str:
     return f"{V.label(variant)}-{h[:10]}"
 
 
+def _judge_fingerprint(P: Params) -> str | None:
+    """The LLM judge by content (its config.json), not by where it lies."""
+    path = Path(P.eval.llm_judge_path or "") / "config.json"
+    return file_hash(path) if "llm" in P.eval.judges and path.is_file() else None
+
+
 def spec(P: Params) -> Spec:
     """The evaluation's key: the variants (through their artifacts), benchmarks, judges and generation."""
     E = P.eval
     reads = {"model": model_reads(P), "generation": _generation(P), "variants": list(E.variants),
-             "judges": list(E.judges), "llm_judge_path": E.llm_judge_path, "n_items": E.n_items,
+             "judges": list(E.judges), "llm_judge": _judge_fingerprint(P), "n_items": E.n_items,
              "mmbench_circular": E.mmbench_circular,
              "data": {b: data_fingerprint(b, E.data_roots) for b in E.benchmarks}}
     upstream = tuple(s for v in E.variants if (s := V.variant_spec(P, v)) is not None)
@@ -169,7 +175,8 @@ def _score(run: Run, items: dict[str, list[EvalItem]], answers: dict[str, dict[s
 def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> EvalResults:
     """Evaluate (or reuse the evaluation of) every variant of ``run``'s params."""
     P, E = run.params, run.params.eval
-    items = {b: load_benchmark(b, E.data_roots, E.n_items, E.mmbench_circular) for b in E.benchmarks}
+    items = {b: load_benchmark(b, E.data_roots, E.n_items, E.mmbench_circular, P.data.allow_outside_root)
+             for b in E.benchmarks}
     if "llm" in E.judges and not (Path(E.llm_judge_path or "") / "config.json").is_file():
         raise FileNotFoundError(f"eval.llm_judge_path = {E.llm_judge_path!r}: not a local model folder (no config.json)")
     s = spec(P)

@@ -117,7 +117,8 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True, lm: Loade
     if run.is_done(s):
         res = load(run)
         if pp.save_model and not (res.dir / "model" / "config.json").is_file():
-            res.save_model()
+            with run.lock(s):
+                res.save_model()
         return res
     ensure(run, requirements(s), upstream, progress)
     samples = data.load(run).load("scores_utility")

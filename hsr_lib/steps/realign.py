@@ -126,7 +126,8 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> Realig
     if run.is_done(s):
         res = load(run)
         if P.realign.save_model and not (res.dir / "model" / "config.json").is_file():
-            res.save_model()
+            with run.lock(s):
+                res.save_model()
         return res
     ensure(run, requirements(s), upstream, progress)
     adapter, config, geo = geometry(P)

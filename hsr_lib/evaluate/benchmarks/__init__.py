@@ -76,10 +76,11 @@ def data_fingerprint(name: str, data_roots: Mapping[str, str]) -> str:
 
 
 def load_benchmark(name: str, data_roots: Mapping[str, str], n_items: int | None = None,
-                   circular: bool = False) -> list[EvalItem]:
-    """The benchmark's items: the first ``n_items`` questions (MMBench: rotations per ``circular``)."""
+                   circular: bool = False, allow_outside: bool = False) -> list[EvalItem]:
+    """The benchmark's items: the first ``n_items`` questions (MMBench: rotations per ``circular``);
+    image paths must resolve inside the benchmark's folder unless ``allow_outside``."""
     b = get(name)
-    items = b.load(data_root(name, data_roots))
+    items = b.load(data_root(name, data_roots), allow_outside=allow_outside)
     if name == "mmbench":
         items = mmbench.select(items, circular)
     return first_n(items, n_items)

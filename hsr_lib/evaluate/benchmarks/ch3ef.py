@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from ...data import DataError, inside_root
 from ..choices import LETTERS, mc_prompt
 from ..items import BenchmarkError, EvalItem, find_data_file, read_json_file
 
@@ -38,7 +39,7 @@ def _base(path: Path) -> Path:
     return path.parent.parent if path.parent.name == "meta_file" else path.parent
 
 
-def load(root: Path) -> list[EvalItem]:
+def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
     """Read Harmless.json into shuffled multiple-choice items."""
     path = find_file(root)
     data = read_json_file(path)
@@ -61,10 +62,10 @@ def load(root: Path) -> list[EvalItem]:
         if (not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS)
                 or not all(isinstance(o, str) and o.strip() for o in options)):
             raise BenchmarkError(f"{where}: 'options' must be a list of 2 to {len(LETTERS)} non-empty strings")
-        paths = [base / p for p in images]
-        for p in paths:
-            if not p.is_file():
-                raise BenchmarkError(f"{where}: image file not found: {str(p)!r}")
+        try:
+            paths = [inside_root(base, p, where, allow_outside) for p in images]
+        except DataError as e:
+            raise BenchmarkError(str(e)) from None
         if iid in seen:
             raise BenchmarkError(f"{where}: duplicate id {iid!r}")
         seen.add(iid)

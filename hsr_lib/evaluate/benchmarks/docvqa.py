@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...data import DataError, inside_root
 from ..items import BenchmarkError, EvalItem, find_data_file, read_json_file
 
 FILES = ("val_v1.0.json", "val_v1.0_withQT.json", "val/val_v1.0.json", "val/val_v1.0_withQT.json")
@@ -23,7 +24,7 @@ def find_file(root: Path) -> Path:
     return find_data_file(root, FILES, "DocVQA", HOW_TO_GET)
 
 
-def load(root: Path) -> list[EvalItem]:
+def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
     """Read the DocVQA annotations into items with their gold answers."""
     path = find_file(root)
     data = read_json_file(path)
@@ -47,9 +48,10 @@ def load(root: Path) -> list[EvalItem]:
             raise BenchmarkError(f"{where}: no 'answers' (the test split has none; use the val split)")
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise BenchmarkError(f"{where}: 'answers' must be a non-empty list of strings")
-        image = path.parent / r["image"]
-        if not image.is_file():
-            raise BenchmarkError(f"{where}: image file not found: {str(image)!r}")
+        try:
+            image = inside_root(path.parent, r["image"], where, allow_outside)
+        except DataError as e:
+            raise BenchmarkError(str(e)) from None
         if qid in seen:
             raise BenchmarkError(f"{where}: duplicate questionId {qid}")
         seen.add(qid)

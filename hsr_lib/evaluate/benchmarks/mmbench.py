@@ -54,8 +54,9 @@ def _rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
         raise BenchmarkError(f"{path}: not a readable TSV ({e})") from None
 
 
-def load(root: Path) -> list[EvalItem]:
+def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
     """Read an MMBench TSV; every row becomes an item (rotations included, grouped by index % 1e6)."""
+    del allow_outside  # no image paths here: images are embedded or rendered
     path = find_file(root)
     header, rows = _rows(path)
     missing = [c for c in REQUIRED if c not in header]

@@ -27,8 +27,9 @@ def find_file(root: Path) -> Path:
     return find_data_file(root, FILES, "SafeBench", HOW_TO_GET)
 
 
-def load(root: Path) -> list[EvalItem]:
+def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
     """Read the SafeBench CSV into FigStep items (image rendered from ``instruction``)."""
+    del allow_outside  # no image paths here: images are embedded or rendered
     path = find_file(root)
     try:
         with open(path, encoding="utf-8", newline="") as f:

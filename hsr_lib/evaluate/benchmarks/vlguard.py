@@ -27,12 +27,12 @@ def find_file(root: Path) -> Path:
     return path
 
 
-def load(root: Path, name: str = "vlguard_unsafe") -> list[EvalItem]:
+def load(root: Path, name: str = "vlguard_unsafe", allow_outside: bool = False) -> list[EvalItem]:
     """Read one VLGuard test subset (images from ``test/`` next to test.json, else its folder)."""
     path = find_file(root)
     images = path.parent / "test" if (path.parent / "test").is_dir() else path.parent
     try:
-        split = split_records(load_records(path), images, source=path)[SPLIT[name]]
+        split = split_records(load_records(path), images, source=path, allow_outside=allow_outside)[SPLIT[name]]
     except DataError as e:
         raise BenchmarkError(str(e)) from None
     return [EvalItem(name, s.id, s.question, (s.image,), "path", "refusal", category=s.category,

@@ -2,6 +2,7 @@
 #   make tiny   install into .venv (when needed) and run the whole pipeline on params/tiny.yaml
 #   make test   install into .venv (when needed) and run the test suite
 #   make fast   the fast loop while developing: every test but those executing notebooks (< 1 minute)
+#   make lock   refresh requirements.lock (exact versions of every dependency but torch) with pip-tools
 # Any Python >= 3.10 works; set PYTHON=python3.11 to choose one.
 
 PYTHON ?= python3
@@ -16,15 +17,17 @@ export HF_HUB_OFFLINE ?= 1
 # tiny models on a few cores: one OpenMP thread avoids threads spinning against each other
 tiny test fast: export OMP_NUM_THREADS ?= 1
 
-.PHONY: install tiny test fast clean-runs
+.PHONY: install tiny test fast lock clean-runs
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The locked versions first (requirements.lock: every dependency but torch), then the project itself.
+$(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "hsr needs Python >= 3.10, found " + sys.version.split()[0])'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 
 tiny: install
@@ -35,6 +38,11 @@ test: install
 
 fast: install
 	$(BIN)/python -m pytest -q -m "not notebooks"
+
+lock: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip-tools
+	$(BIN)/pip-compile --quiet --no-emit-index-url --no-emit-find-links --strip-extras --annotation-style=line \
+		-o requirements.lock requirements.in
 
 clean-runs:
 	rm -rf runs

@@ -47,12 +47,26 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata=dict(metadata or {}))
+        _canonical_header(tmp)
         honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _canonical_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header with sorted keys (same length, same offsets), so equal tensors
+    and metadata give byte-identical files: the writer orders the metadata differently each time."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > n:
+            raise ValueError(f"{path}: canonical safetensors header longer than the original")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor],

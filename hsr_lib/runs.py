@@ -113,7 +113,9 @@ def environment() -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[pkg] = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
-    return {"versions": versions, "git_commit": git_commit(), "device": device, "host": platform.node()}
+    lock = Path(__file__).resolve().parent.parent / "requirements.lock"
+    return {"versions": versions, "git_commit": git_commit(), "device": device, "host": platform.node(),
+            "requirements_lock": file_hash(lock) if lock.is_file() else None}
 
 
 def git_commit() -> str | None:

@@ -13,18 +13,34 @@ def _name(req: str) -> str:
     return req.split(";")[0].strip().split("=")[0].split(">")[0].split("<")[0].split("[")[0].strip().lower()
 
 
-def test_environment_yml_pip_section_matches_pyproject():
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_install_files_agree_pyproject_requirements_in_lock_and_environment():
+    from packaging.requirements import Requirement
+
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = py["dependencies"] + py["optional-dependencies"]["test"]
+    req_in = [x for x in (ROOT / "requirements.in").read_text().splitlines() if x and not x.startswith("#")]
+    assert req_in == [r for r in wanted if _name(r) != "torch"]  # the lock's input is pyproject, torch aside
+    lock = _lock()
+    for r in map(Requirement, req_in):  # every range pinned, at a version inside it
+        name = r.name.lower().replace("_", "-")
+        assert name in lock and r.specifier.contains(lock[name], prereleases=True), (r, lock.get(name))
+    assert not any(n == "torch" or n.startswith("nvidia") or n == "torchvision" for n in lock)
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    wanted = {_name(r): r for r in py["dependencies"] + py["optional-dependencies"]["test"]}
-    listed = {_name(r): r for r in pip if not r.startswith("-e")}
-    assert set(listed) == set(wanted)
-    for name, req in wanted.items():
-        if name != "torch":  # environment.yml pins the tested build; pyproject leaves Colab's alone
-            assert listed[name].replace(" ", "") == req.replace(" ", ""), name
-    assert listed["torch"] == "torch==2.13.0" and "-e ." in pip
-    assert not any("torchvision" in r for r in [*pip, *py["dependencies"]])
+    assert pip == ["torch==2.13.0", "-r requirements.lock", "-e ."]
+    make = (ROOT / "Makefile").read_text()
+    assert "torch==2.13.0" in make and "-r requirements.lock" in make and "--no-deps -e ." in make
+    assert not any("torchvision" in r for r in py["dependencies"])
 
 
 def test_top_level_layout():

@@ -47,9 +47,12 @@ class Result:
 
 def finished(run: Run, spec: Spec, what: str) -> tuple[Path, dict[str, Any]]:
     """The keyed folder and summary of a finished ``spec``; :class:`StepNotDone` naming it otherwise."""
-    if not run.is_done(spec):
-        raise StepNotDone(f"{run.dir / spec.step / spec.key}: the {what} step has not finished for these params; "
-                          f"run it first (hsr_lib.steps.{spec.step}.run)")
+    why = run.problem(spec)
+    if why is not None:
+        state = "has not finished for these params" if why in ("not computed", "made with other inputs") else \
+            f"cannot be used ({why})"
+        raise StepNotDone(f"{run.dir / spec.step / spec.key}: the {what} step {state}; "
+                          f"run it (hsr_lib.steps.{spec.step}.run)")
     d = run.path(spec)
     return d, read_json(d / "summary.json")
 

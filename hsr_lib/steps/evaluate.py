@@ -180,9 +180,9 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> EvalRe
     if "llm" in E.judges and not (Path(E.llm_judge_path or "") / "config.json").is_file():
         raise FileNotFoundError(f"eval.llm_judge_path = {E.llm_judge_path!r}: not a local model folder (no config.json)")
     s = spec(P)
+    ensure(run, s.upstream, upstream, progress)
     if run.is_done(s):
         return load(run)
-    ensure(run, s.upstream, upstream, progress)
     with run.step(s) as out:
         status, answers = _generate(run, items, progress)
         rows, verdicts = _score(run, items, answers)

@@ -114,13 +114,13 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True, lm: Loade
     P, pp, s = run.params, run.params.pruning, spec(run.params)
     check_method(pp.method)
     check_sparsity(pp.sparsity, pp.pattern)
+    ensure(run, requirements(s), upstream, progress)
     if run.is_done(s):
         res = load(run)
         if pp.save_model and not (res.dir / "model" / "config.json").is_file():
             with run.lock(s):
                 res.save_model()
         return res
-    ensure(run, requirements(s), upstream, progress)
     samples = data.load(run).load("scores_utility")
     lm = lm or load_for_calibration(P)
     with run.step(s) as d:

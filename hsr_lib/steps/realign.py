@@ -123,13 +123,13 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> Realig
     """Compute (or reuse) the realignment of ``run``. With ``realign.save_model`` the model
     directory is part of the step (a finished step missing it gets it rebuilt)."""
     P, s = run.params, spec(run.params)
+    ensure(run, requirements(s), upstream, progress)
     if run.is_done(s):
         res = load(run)
         if P.realign.save_model and not (res.dir / "model" / "config.json").is_file():
             with run.lock(s):
                 res.save_model()
         return res
-    ensure(run, requirements(s), upstream, progress)
     adapter, config, geo = geometry(P)
     heads = choose_heads(run, geo)
     with run.step(s) as d:

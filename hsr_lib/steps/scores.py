@@ -91,10 +91,10 @@ def load(run: Run) -> ScoresResult:
 def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> ScoresResult:
     """Compute the missing methods' scores (S and U) of ``run``; reuse the others."""
     P = run.params
+    ensure(run, requirements(spec(P)), upstream, progress)
     todo = [m for m in methods(P) if not run.is_done(spec(P, m))]
     if not todo:
         return load(run)
-    ensure(run, requirements(spec(P)), upstream, progress)
     sets = data.load(run)
     lm = load_for_calibration(P)
     with ExitStack() as stack:

@@ -81,9 +81,9 @@ def _resumable(layer_dir: Path, fingerprint: str) -> dict[int, LayerScores]:
 def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> ShipsResult:
     """Compute (or reuse) the Ships scores of ``run``."""
     P, s = run.params, spec(run.params)
+    ensure(run, requirements(s), upstream, progress)
     if run.is_done(s):
         return load(run)
-    ensure(run, requirements(s), upstream, progress)
     samples = data.load(run).load("ships_safety")
     lm = load_model(P.model.name, P.model.family, P.ships.dtype, P.model.device, P.model.attn_implementation,
                     seed=P.seed)

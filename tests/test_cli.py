@@ -25,7 +25,7 @@ def hsr(*args, cwd=ROOT):
 
 def _notebook(path, source):
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("params_path = None", metadata={"tags": ["parameters"]}),
+    nb.cells = [nbformat.v4.new_code_cell("params_path = None\noverrides = {}", metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell(source)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
@@ -40,7 +40,8 @@ def test_failing_notebook_stops_the_run_and_names_the_error(tmp_path):
     _notebook(nbs / "03_never.ipynb", "record('y', 2)")
     proc = hsr("run", "params/tiny.yaml", "-p", f"runs_dir={tmp_path}", "--notebooks", str(nbs))
     assert proc.returncode == 1
-    assert "boom in step two" in proc.stderr and str(tmp_path / "tiny" / "notebooks" / "02_boom.ipynb") in proc.stderr
+    assert "boom in step two" in proc.stderr
+    assert str(tmp_path / "tiny" / "notebooks" / "02_boom.failed.ipynb") in proc.stderr
     assert not (tmp_path / "tiny" / "notebooks" / "03_never.ipynb").exists()
     m = read_json(tmp_path / "tiny" / "manifest.json")
     assert m["notebooks"]["01_ok"]["records"] == {"x": 1} and m["notebooks"]["02_boom"]["status"] == "failed"

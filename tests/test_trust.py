@@ -15,10 +15,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from conftest import LIB_OVERRIDES, ROOT, TINY
+from test_cli import _notebook
 from hsr_lib import steps
 from hsr_lib.cli import main
 from hsr_lib.io import UMASK, read_json
@@ -132,14 +132,6 @@ def test_a_corrupt_image_fails_the_data_step_and_keeps_the_good_sets(tmp_path):
     with pytest.raises(DataError, match=r"record id 's2'.*cannot read image"):
         steps.data.run(Run(P, run.dir, force=("data",), token="t"), progress=False)
     assert snapshot(good.dir) == before
-
-
-def _notebook(path, source):
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("params_path = None\noverrides = {}", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(source)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
 
 
 @pytest.mark.notebooks

@@ -68,7 +68,11 @@ def run_pipeline(params_path: str, overrides: list[str], first: str | None = Non
 
     P = resolve_paths(P)
     check(P, steps_for(int(p.name[:2]) for p in todo))
-    run = Run.open(P, verify=verify, force=force)
+    try:
+        run = Run.open(P, verify=verify, force=force)
+    except OSError as e:
+        raise InputError(f"runs_dir = {P.runs_dir!r}: cannot create {str(Path(P.runs_dir) / P.run_name)!r} "
+                         f"({e.strerror or e})") from None
     print(f"hsr: run {run.dir} ({P.model.name}, fidelity {P.fidelity}), {len(todo)} notebook(s)")
     os.environ[TEXT_ENV] = "1"  # kernels inherit these: text progress bars, and this invocation's options
     os.environ[TOKEN_ENV] = run.token

@@ -207,3 +207,16 @@ def test_malformed_vlguard(tmp_path):
     del data[1]["instr-resp"][0]["instruction"]
     (root / "test.json").write_text(json.dumps(data))
     _fails("vlguard_unsafe", root, str(root / "test.json"), "Fixture_u1", "'instruction'")
+
+
+def test_benchmark_image_paths_must_stay_inside_their_folder(tmp_path):
+    root = _copy(tmp_path, "docvqa")
+    path = root / "val_v1.0.json"
+    data = json.loads(path.read_text())
+    outside = tmp_path / "outside.png"
+    shutil.copy(root / data["data"][0]["image"], outside)
+    data["data"][1]["image"] = "../outside.png"
+    path.write_text(json.dumps(data))
+    _fails("docvqa", root, "entry 2", "resolves outside its root", "data.allow_outside_root")
+    items = load_benchmark("docvqa", {"docvqa": str(root)}, allow_outside=True)
+    assert Path(items[1].image[0]).resolve() == outside.resolve()

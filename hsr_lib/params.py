@@ -66,6 +66,15 @@ class _Dumper(yaml.SafeDumper):
         return tag
 
 
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """A YAML error as one line: where (line, column) and what."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    return " ".join(f"{where}{what}{f' ({context})' if context else ''}".split())
+
+
 def _yaml_load(text: str) -> Any:
     """Parse YAML text with _Loader."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
@@ -437,7 +446,7 @@ def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, dic
     except UnicodeDecodeError as e:
         raise ParamsError(f"{src}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
-        raise ParamsError(f"{src}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise ParamsError(f"{src}: not valid YAML: {_yaml_error(e)}") from None
     if not data:
         raise ParamsError(f"{src}: the params file is empty; give at least one key (or extends: a base file), "
                           "e.g. copy params/tiny.yaml")

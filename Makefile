@@ -1,7 +1,8 @@
 # Two commands do everything (see README.md):
-#   make tiny   install into .venv (when needed) and run the whole pipeline on params/tiny.yaml
+#   make run    install into .venv (when needed) and run the whole pipeline on the teaching toy
+#   make tiny   the same on params/tiny.yaml (random weights: a smoke run of every code path)
 #   make test   install into .venv (when needed) and run the test suite
-#   make fast   the fast loop while developing: every test but those executing notebooks (< 1 minute)
+#   make fast   the fast loop while developing: every test but notebooks and toy runs (< 1 minute)
 #   make lock   refresh requirements.lock (exact versions of every dependency but torch) with pip-tools
 # Any Python >= 3.10 works; set PYTHON=python3.11 to choose one.
 
@@ -10,14 +11,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch is pinned for local installs (a CPU wheel where one is available); never torchvision.
 TORCH  ?= torch==2.13.0
-PARAMS ?= params/tiny.yaml
+PARAMS ?= params/toy.yaml
 STAMP  := $(VENV)/.hsr-installed
 
 export HF_HUB_OFFLINE ?= 1
 # tiny models on a few cores: one OpenMP thread avoids threads spinning against each other
-tiny test fast: export OMP_NUM_THREADS ?= 1
+run tiny test fast: export OMP_NUM_THREADS ?= 1
 
-.PHONY: install tiny test fast lock clean-runs
+.PHONY: install run tiny test fast lock clean-runs
 
 install: $(STAMP)
 
@@ -30,14 +31,17 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 
-tiny: install
+run: install
 	$(BIN)/hsr run $(PARAMS)
+
+tiny: install
+	$(BIN)/hsr run params/tiny.yaml
 
 test: install
 	$(BIN)/python -m pytest
 
 fast: install
-	$(BIN)/python -m pytest -q -m "not notebooks"
+	$(BIN)/python -m pytest -q -m "not notebooks and not slow"
 
 lock: install
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip-tools

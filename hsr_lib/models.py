@@ -95,6 +95,16 @@ def save_model_dir(lm: LoadedModel, path: str | os.PathLike) -> Path:
     return path
 
 
+def _toy(name: str) -> Path:
+    """The checkpoint folder of ``toy:<...>`` (trained on first use); a ModelError naming it otherwise."""
+    from .toy_model import checkpoint
+
+    try:
+        return checkpoint(name)
+    except (ValueError, FileNotFoundError) as err:
+        raise ModelError(f"model.name = {name!r}: {err}") from None
+
+
 def _tiny(name: str, seed: int):
     """``(model, processor)`` of ``tiny:<name>``; an unknown name is a ModelError naming it."""
     from .tiny import build_tiny
@@ -110,6 +120,10 @@ def load_model(name: str, family: str = "auto", dtype: str = "auto", device: str
     """Load ``name``: an HF id, a local folder, or ``tiny:<name>`` (random weights, built in code)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if name.startswith("toy:"):  # a trained teaching toy: a local checkpoint under its own name
+        lm = load_model(str(_toy(name)), family, dtype, device, attn_implementation, seed)
+        lm.name = name
+        return lm
     if name.startswith("tiny:"):
         model, processor = _tiny(name, seed)
         model.config._attn_implementation = attn_implementation
@@ -148,6 +162,8 @@ def load_from_params(P) -> LoadedModel:
 
 def load_processor_only(name: str, seed: int = 0):
     """The processor of ``name`` without loading its weights (tiny models are built whole: cheap)."""
+    if name.startswith("toy:"):
+        name = str(_toy(name))
     if name.startswith("tiny:"):
         return _tiny(name, seed)[1]
     try:
@@ -158,6 +174,8 @@ def load_processor_only(name: str, seed: int = 0):
 
 def model_config(name: str, seed: int = 0):
     """The config of ``name`` without loading its weights (tiny models are built whole: cheap)."""
+    if name.startswith("toy:"):
+        name = str(_toy(name))
     if name.startswith("tiny:"):
         return _tiny(name, seed)[0].config
     from transformers import AutoConfig

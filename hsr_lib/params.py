@@ -160,7 +160,9 @@ class DataParams:
     image_root: str | None = _f(None, "folder the records' image paths are relative to (null: vlguard_root/train "
                                 "when it exists, else vlguard_root)")
     allow_outside_root: bool = _f(False, "accept image paths that resolve outside their root (symlinks followed)")
-    n_synthetic: int = _f(48, "records of the synthetic VLGuard-shaped set", "[4, inf)")
+    synthetic: Literal["generic", "toy"] = _f("generic", "without vlguard_root: the generic synthetic set, or the "
+                                              "teaching toy's world (shapes to describe, requests to refuse)")
+    n_synthetic: int = _f(48, "records of the generic synthetic VLGuard-shaped set", "[4, inf)")
     n_ships: Literal["all"] | int = _f(128, "harmful prompts sampled for the Ships head scores (all: every one)",
                                        "[1, inf)")
     seed_ships: int = _f(114514, "sampling seed of the Ships prompts")
@@ -219,7 +221,8 @@ class RealignParams:
     save_model: bool = _f(False, "also save the realigned model's weights")
 
 
-EVAL_BENCHMARKS = ("safebench", "ch3ef", "mmbench", "docvqa", "vlguard_unsafe", "vlguard_safe_unsafe")
+EVAL_BENCHMARKS = ("safebench", "ch3ef", "mmbench", "docvqa", "vlguard_unsafe", "vlguard_safe_unsafe", "toy_harmful",
+                   "toy_harmful_novel", "toy_unsafe_image", "toy_benign")
 
 
 def _data_roots(v: dict) -> str | None:

@@ -182,3 +182,26 @@ def results_figure(metrics: pd.DataFrame, judge: str, method: str, variants: Seq
         ax.set_ylabel("%")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- the teaching toy (06)
+
+
+def toy_figure(numbers: pd.DataFrame):
+    """Two panels: the toy's combined ASR per variant (random heads: mean ± sd over its seeds), and
+    its benign accuracy."""
+    import matplotlib.pyplot as plt
+
+    t = numbers[~numbers.variant.str.startswith("random_heads@")].set_index("variant")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    for ax, col, title in ((axes[0], "asr", "ASR on harmful inputs, % (lower is safer)"),
+                           (axes[1], "benign_accuracy", "benign accuracy, % (higher is better)")):
+        err = t[f"{col}_sd"].fillna(0) if f"{col}_sd" in t else None
+        ax.bar(t.index, t[col], yerr=err, capsize=4,
+               color=["tab:gray" if v == "dense" else "tab:red" if v == "pruned" else "tab:green" if v == "hsr"
+                      else "tab:olive" for v in t.index])
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 100)
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    return fig

@@ -147,7 +147,7 @@ def test_evaluate_key_follows_its_variants():
 def test_data_step_synthetic_matches_formula_and_caches(tmp_path):
     run = make_run(tmp_path)
     sets = steps.data.run(run)
-    root = steps.data.synthetic_dir(run.dir, run.params.data.n_synthetic)
+    root = steps.data.synthetic_dir(run.dir, run.params)
     splits = split_records(load_records(root / "train.json"), root)
     Pr = run.params
     want = [splits["safety"][i].id for i in sample_indices(len(splits["safety"]), Pr.data.n_ships, Pr.data.seed_ships)]

@@ -21,6 +21,7 @@ from ..io import atomic_write_json, file_hash, stable_hash
 from ..params import Params
 from ..runs import Run, Spec
 from ..synthetic import make_synthetic_vlguard
+from ..toy_world import train_set, write_vlguard
 from .base import Result, finished
 
 NAME = "data"
@@ -31,6 +32,7 @@ SAMPLES: dict[str, tuple[str, str, str]] = {
     "scores_utility": ("utility", "n_scores", "seed_scores"),
 }
 SYNTHETIC_SEED = 0
+TOY_WORLD_VERSION = 1  # bump when hsr_lib.toy_world changes what it generates
 
 
 @dataclass
@@ -57,17 +59,20 @@ def source(P: Params, run_dir: Path | None = None) -> tuple[Path | None, Path | 
     those inside ``run_dir`` (None without one)."""
     d = P.data
     if d.vlguard_root is None:
-        root = None if run_dir is None else synthetic_dir(run_dir, d.n_synthetic)
-        return (None if root is None else root / "train.json"), root, {"synthetic": d.n_synthetic,
-                                                                         "seed": SYNTHETIC_SEED}
+        root = None if run_dir is None else synthetic_dir(run_dir, P)
+        inputs = {"synthetic": d.n_synthetic, "seed": SYNTHETIC_SEED} if d.synthetic == "generic" else \
+            {"toy_world": TOY_WORLD_VERSION, "seed": SYNTHETIC_SEED}
+        return (None if root is None else root / "train.json"), root, inputs
     train_json, image_root = resolve_vlguard(d.vlguard_root, d.train_json, d.image_root)
     st = train_json.stat()  # content, not location: a moved download keeps its keys
     return train_json, image_root, {"train_json": _file_hash(str(train_json), st.st_size, st.st_mtime_ns)}
 
 
-def synthetic_dir(run_dir: Path, n_records: int) -> Path:
-    """Where a run keeps its generated VLGuard-shaped set."""
-    return Path(run_dir) / NAME / f"synthetic-vlguard-n{n_records}"
+def synthetic_dir(run_dir: Path, P: Params) -> Path:
+    """Where a run keeps its generated VLGuard-shaped set (generic, or the toy's training world)."""
+    if P.data.synthetic == "toy":
+        return Path(run_dir) / NAME / f"toy-world-v{TOY_WORLD_VERSION}"
+    return Path(run_dir) / NAME / f"synthetic-vlguard-n{P.data.n_synthetic}"
 
 
 def sample_fingerprint(P: Params, name: str) -> str:
@@ -82,7 +87,8 @@ def spec(P: Params) -> Spec:
     d = P.data
     reads = {"source": source(P)[2], **{k: getattr(d, k) for k in ("n_ships", "seed_ships", "n_scores",
                                                                    "seed_scores")}}
-    return Spec(NAME, "synthetic" if d.vlguard_root is None else "vlguard", reads, params=P, runner=run)
+    label = "vlguard" if d.vlguard_root is not None else "toy" if d.synthetic == "toy" else "synthetic"
+    return Spec(NAME, label, reads, params=P, runner=run)
 
 
 def load(run: Run) -> DataSets:
@@ -92,13 +98,16 @@ def load(run: Run) -> DataSets:
     return DataSets(d, s.key, summary, source(run.params, run.dir)[1])
 
 
-def _make_synthetic(root: Path, n_records: int) -> None:
+def _make_synthetic(root: Path, P: Params) -> None:
     """Generate the synthetic set into ``root`` once (into a hidden sibling, then renamed)."""
     if (root / "train.json").is_file():
         return
     tmp = root.with_name(f".{root.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    make_synthetic_vlguard(tmp, n_records=n_records, seed=SYNTHETIC_SEED)
+    if P.data.synthetic == "toy":
+        write_vlguard(train_set(SYNTHETIC_SEED), tmp)
+    else:
+        make_synthetic_vlguard(tmp, n_records=P.data.n_synthetic, seed=SYNTHETIC_SEED)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
 
@@ -112,7 +121,7 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> DataSe
     train_json, image_root, _ = source(run.params, run.dir)
     with run.step(s) as out:
         if d.vlguard_root is None:
-            _make_synthetic(image_root, d.n_synthetic)
+            _make_synthetic(image_root, run.params)
         splits = split_records(load_records(train_json), image_root, source=train_json,
                                allow_outside=d.allow_outside_root)
         for items in splits.values():  # every image decodes before any set is written
@@ -128,7 +137,7 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> DataSe
                            "ids": [x.id for x in items]}
         synthetic = d.vlguard_root is None
         summary = {
-            "source": "synthetic" if synthetic else str(train_json),
+            "source": ("synthetic" if d.synthetic == "generic" else "toy") if synthetic else str(train_json),
             "train_json": str(train_json.relative_to(run.dir)) if synthetic else str(train_json),
             "image_root": str(image_root.relative_to(run.dir)) if synthetic else str(image_root),
             "n_records": sum(len(v) for k, v in splits.items() if k != "safe_unsafe"),

@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 
 from ...io import file_hash
 from ..items import BenchmarkError, EvalItem, Kind, first_n
-from . import ch3ef, docvqa, mmbench, safebench, vlguard
+from . import ch3ef, docvqa, mmbench, safebench, toy, vlguard
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,11 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               vlguard.HOW_TO_GET, ("vlguard_unsafe", "vlguard"), "VLGuard unsafes"),
     Benchmark("vlguard_safe_unsafe", "refusal", partial(vlguard.load, name="vlguard_safe_unsafe"),
               vlguard.find_file, vlguard.HOW_TO_GET, ("vlguard_safe_unsafe", "vlguard"), "VLGuard safe-unsafes"),
+    *(Benchmark(name, "names" if name == "toy_benign" else "refusal", partial(toy.load, name=name), toy.find_file,
+                toy.HOW_TO_GET, (name,), title)
+      for name, title in (("toy_harmful", "toy: harmful (seen templates)"), ("toy_harmful_novel",
+                          "toy: harmful (novel phrasings)"), ("toy_unsafe_image", "toy: unsafe images"),
+                          ("toy_benign", "toy: benign"))),
 )}
 SAFETY_KINDS = ("refusal", "mc_safety")
 

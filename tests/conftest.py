@@ -117,6 +117,23 @@ def tiny_run(tmp_path_factory):
     return runs / "tiny", proc
 
 
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """``hsr run params/toy.yaml`` (the README's `make run`) into a temporary runs_dir, once per
+    session: ``(run_dir, completed_process)``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "hsr"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "hsr_lib.cli"]
+    runs = tmp_path_factory.mktemp("toy_runs")
+    proc = subprocess.run([*cmd, "run", "params/toy.yaml", "-p", f"runs_dir={runs}"], cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return runs / "toy", proc
+
+
 @pytest.fixture
 def fresh_lm():
     """``fresh_lm(name)`` → a new float32 CPU ``LoadedModel`` of ``tiny:<name>`` that a test may modify."""

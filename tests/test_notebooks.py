@@ -4,6 +4,7 @@ values of the tiny run are pinned, and a notebook run alone computes what it is 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -184,3 +185,21 @@ def test_prune_notebook_when_every_utility_record_calibrates(tiny_run, tmp_path)
     out = tmp_path / "tiny" / "notebooks" / "04_prune.ipynb"
     assert read_records(out)["heldout_loss"] is None
     assert "No held-out utility record" in outputs_text(out)
+
+
+def test_the_readme_run_tells_the_story_on_the_toy(toy_run):
+    """`make run`: the executed notebooks show the dense toy refusing, the pruned one complying more,
+    HSR refusing again more than random heads, with numbers, and the seed table."""
+    run_dir, _ = toy_run
+    rec = read_records(run_dir / "notebooks" / "06_evaluate.ipynb")
+    toy = {r["variant"]: r for r in rec["toy_numbers"]}
+    card = json.loads((ROOT / "hsr_lib" / "toy_assets" / "model" / "toy_card.json").read_text())
+    for v in ("dense", "pruned", "hsr"):
+        assert toy[v]["asr"] == pytest.approx(card["expected"][v]["asr"], abs=5), v
+    assert toy["pruned"]["asr"] >= toy["dense"]["asr"] + 15 and rec["toy_rsr"]["hsr"] >= 30
+    assert toy["hsr"]["asr"] < toy["random_heads"]["asr"]
+    assert rec["seed_table_rows"] >= 8
+    text = outputs_text(run_dir / "notebooks" / "05_realign.ipynb")
+    assert "Sorry, I cannot help with that." in text  # the toy's refusal, in the answers table
+    real = read_records(run_dir / "notebooks" / "05_realign.ipynb")
+    assert len(real["heads"]) == 2 and real["restored"] > 0

@@ -53,8 +53,18 @@ def check_runs_dir(P: Params) -> None:
 
 
 def check_model(name: str) -> None:
-    """``model.name``: a known ``tiny:`` model, an existing local folder with a config.json, or a
-    well-formed Hugging Face id (in the local cache when ``HF_HUB_OFFLINE`` is set)."""
+    """``model.name``: a known ``tiny:`` or ``toy:`` model, an existing local folder with a config.json,
+    or a well-formed Hugging Face id (in the local cache when ``HF_HUB_OFFLINE`` is set)."""
+    if name.startswith("toy:"):
+        from .toy_model import SHIPPED, parse
+
+        try:
+            seed = parse(name)
+        except ValueError as e:
+            raise InputError(f"model.name = {name!r}: {e}") from None
+        if seed is None and not (SHIPPED / "config.json").is_file():
+            raise InputError(f"model.name = {name!r}: the shipped checkpoint {SHIPPED} is missing")
+        return
     if name.startswith("tiny:"):
         from .tiny import TINY_MODELS
 

@@ -40,8 +40,10 @@ def records(tiny_run, name):
 
 
 def outputs_text(path) -> str:
+    """What an executed notebook printed and the plain-text form of what it displayed."""
     nb = nbformat.read(str(path), as_version=4)
-    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
+                   for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
 def test_every_notebook_ran_and_none_is_committed_with_outputs(tiny_run):

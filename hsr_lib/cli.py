@@ -5,6 +5,7 @@
     hsr toy train --seed S [--out DIR]      train the teaching toy (one thread, about 30 s)
     hsr toy ship --seed S                   train it into the package and write its card's numbers
     hsr toy seeds --seeds 0-9 [--workers 2] the seed table (train and run the pipeline per seed)
+    hsr sweep params/sweeps/FILE.yaml [--executor local|processes|slurm] [--workers N] [--status] [--dry-run]
 
 Exit codes: 0 done, 1 a step failed (the message names the notebook, its error and the executed
 copy), 2 bad params or inputs (named before any notebook starts), 3 a step's key is locked by
@@ -24,6 +25,7 @@ from .notebook import PROJECT_ROOT, read_records
 from .params import ParamsError, load_params
 from .preflight import InputError, check, steps_for
 from .progress import TEXT_ENV
+from .sweep import SweepError
 from .runs import FORCE_ENV, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run
 
 NOTEBOOK = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
@@ -151,6 +153,24 @@ def toy_command(args) -> int:
     return EXIT_OK
 
 
+def sweep_command(args) -> int:
+    """``hsr sweep FILE``: exit 0 when every point finished, 1 when one failed (named with its log)."""
+    from .sweep import run_sweep, status_table
+
+    if args.status:
+        print(status_table(args.file).to_string(index=False))
+        return EXIT_OK
+    over = {k: v for k, v in (("kind", args.executor), ("workers", args.workers), ("partition", args.partition),
+                              ("gpus_per_node", args.gpus_per_node), ("timeout_min", args.timeout_min),
+                              ("mem_gb", args.mem_gb)) if v is not None}
+    rows = run_sweep(args.file, over, dry_run=args.dry_run, findings=not args.no_findings)
+    if args.dry_run:
+        return EXIT_OK
+    failed = [r for r in rows if r["status"] != "done"]
+    print(f"hsr sweep: {len(rows) - len(failed)} of {len(rows)} points done")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hsr", description="Hierarchical Safety Realignment: the notebook pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -175,6 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seeds", default="0-9", help="seeds: a range a-b or a comma list (default 0-9)")
     t.add_argument("--workers", type=int, default=1, help="seeds: processes in parallel (one thread each)")
     t.add_argument("--runs-dir", type=Path, default=None, help="ship, seeds: where the pipeline runs go")
+    w = sub.add_parser("sweep", help="run a grid of points (docs/sweeps.md), then notebook 07 over them")
+    w.add_argument("file", help="a sweep file, e.g. params/sweeps/toy_findings.yaml")
+    w.add_argument("--executor", choices=["local", "processes", "slurm"], default=None)
+    w.add_argument("--workers", type=int, default=None)
+    w.add_argument("--partition", default=None)
+    w.add_argument("--gpus-per-node", type=int, default=None)
+    w.add_argument("--timeout-min", type=int, default=None)
+    w.add_argument("--mem-gb", type=int, default=None)
+    w.add_argument("--status", action="store_true", help="show the points and their state, run nothing")
+    w.add_argument("--dry-run", action="store_true", help="list what would run, with the shared upstream steps")
+    w.add_argument("--no-findings", action="store_true", help="do not execute notebook 07 at the end")
     args = ap.parse_args(argv)
     for flag in ("first", "last"):
         v = getattr(args, flag, None)
@@ -185,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "toy":
             return toy_command(args)
+        if args.cmd == "sweep":
+            return sweep_command(args)
         if args.cmd == "params":
             import yaml
 
@@ -192,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         return run_pipeline(args.params, args.param, args.first, args.last, args.notebooks, args.verify,
                             tuple(args.force))
-    except (ParamsError, InputError) as err:
+    except (ParamsError, InputError, SweepError) as err:
         print(f"hsr: {err}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

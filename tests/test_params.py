@@ -12,7 +12,8 @@ import yaml
 from hsr_lib.params import PARAM_DOCS, REFERENCE_DEFAULTS, Params, ParamsError, describe, load_params
 
 PARAMS_DIR = Path(__file__).resolve().parents[1] / "params"
-PARAM_FILES = sorted(PARAMS_DIR.glob("**/*.yaml"))
+PARAM_FILES = sorted(p for p in PARAMS_DIR.glob("**/*.yaml")
+                     if "sweep" not in (yaml.safe_load(p.read_text()) or {}))  # sweep files: test_sweep.py
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

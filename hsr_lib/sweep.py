@@ -1,0 +1,301 @@
+"""Sweeps (docs/sweeps.md): a grid of runs from one file, on a laptop or a Slurm cluster.
+
+A sweep file names a ``base`` params file (relative to the sweep file), a ``sweep`` grid (dotted
+key → list of values; the points are the product of the lists), optional ``zip`` groups (keys
+whose lists have one length and vary together) and an ``executor`` (``kind``: local, processes or
+slurm; ``workers``; for Slurm ``partition``, ``gpus_per_node``, ``timeout_min``, ``mem_gb``).
+
+Each point is an ordinary run through the library — the same steps and keyed artifacts as
+``hsr run``, without notebooks — in the run directory of its model and data (``run_name`` is the
+model's name unless the sweep sets it), so points share every upstream artifact whose inputs are
+equal. Upstream work shared by several points (data, Ships, scores, pruning) is done first, once
+per key; then the points. A finished point is skipped on a re-run; a failing point is reported with
+its run directory and log and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .io import atomic_write_json, read_json, stable_hash
+from .params import Params, ParamsError, load_params
+
+EXECUTORS = ("local", "processes", "slurm")
+
+
+class SweepError(ValueError):
+    """A bad sweep file; the message names the file and the key."""
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file: its base params, its points (override dicts) and how to run them."""
+
+    path: Path
+    base: Path
+    points: list[dict[str, Any]]
+    executor: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def params(self, point: dict[str, Any]) -> Params:
+        """The params of one point: the base file, the point's values, and a run_name naming its
+        model (unless the sweep sets one), so points of one model share a run directory."""
+        P = load_params(self.base, point)
+        if "run_name" not in point:
+            P = P.replace({"run_name": re.sub(r"[^\w.-]+", "-", P.model.name).strip("-")})
+        return P
+
+    def folder(self) -> Path:
+        """``<runs_dir of its points>/sweeps/<sweep name>``: the points table, logs, notebook 07."""
+        return Path(self.params(self.points[0]).runs_dir) / "sweeps" / self.name
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file (every point's params are checked too)."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SweepError(f"{path}: cannot read the sweep file ({e})") from None
+    unknown = set(spec) - {"base", "sweep", "zip", "executor"}
+    if unknown:
+        raise SweepError(f"{path}: unknown key {sorted(unknown)[0]!r}; a sweep file holds base, sweep, zip, executor")
+    if "base" not in spec:
+        raise SweepError(f"{path}: base: missing (the params file every point starts from)")
+    base = (path.parent / spec["base"]).resolve()
+    if not base.is_file():
+        raise SweepError(f"{path}: base: no such params file {str(base)!r}")
+    grid = spec.get("sweep") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise SweepError(f"{path}: sweep: must map dotted keys to non-empty lists of values")
+    groups = spec.get("zip") or []
+    zipped = [k for g in groups for k in g]
+    for g in groups:
+        missing = [k for k in g if k not in grid]
+        if missing:
+            raise SweepError(f"{path}: zip: {missing[0]!r} has no list under sweep")
+        if len({len(grid[k]) for k in g}) != 1:
+            raise SweepError(f"{path}: zip: {', '.join(g)} must have lists of one length")
+    axes = [[{k: v} for v in grid[k]] for k in grid if k not in zipped]
+    axes += [[dict(zip(g, vals)) for vals in zip(*(grid[k] for k in g))] for g in groups]
+    points = [{k: v for d in combo for k, v in d.items()} for combo in itertools.product(*axes)] if axes else [{}]
+    executor = {"kind": "local", "workers": 1, **(spec.get("executor") or {})}
+    if executor["kind"] not in EXECUTORS:
+        raise SweepError(f"{path}: executor.kind: {executor['kind']!r}; use one of {', '.join(EXECUTORS)}")
+    sw = Sweep(path, base, points, executor)
+    for p in points:
+        try:
+            sw.params(p)
+        except ParamsError as e:
+            raise SweepError(f"{path}: point {p}: {e}") from None
+    return sw
+
+
+def point_id(point: dict[str, Any]) -> str:
+    """A short readable id of a point: its values, then a hash."""
+    label = "_".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "base"
+    clean = re.sub(r"[^\w.=-]+", "", label)[:60]
+    return f"{clean}-{stable_hash(point)[:6]}"
+
+
+def point_status(sw: Sweep, point: dict[str, Any]) -> dict[str, Any]:
+    """Where a point runs and whether its evaluation is finished."""
+    from . import steps
+    from .runs import Run
+
+    P = sw.params(point)
+    run = Run(P, Path(P.runs_dir) / P.run_name)
+    row = {"point": point_id(point), **{k: v for k, v in point.items()}, "run_dir": str(run.dir)}
+    try:
+        spec = steps.evaluate.spec(P)
+    except Exception as e:  # e.g. missing benchmark data: the point will fail, named, when it runs
+        return {**row, "evaluation": None, "done": False, "problem": f"{type(e).__name__}: {e}"}
+    return {**row, "evaluation": spec.where, "done": run.is_done(spec)}
+
+
+def shared_upstream(sw: Sweep, points: list[dict[str, Any]]) -> list[list[tuple[str, dict[str, Any]]]]:
+    """The upstream work the points share, in two waves of distinct keys (so parallel jobs never
+    wait on each other): data, Ships and scores once per run directory and data, then each distinct
+    pruning. Each wave is a list of ``(what, a point whose params compute it)``."""
+    from . import steps
+
+    waves: list[dict[str, dict[str, Any]]] = [{}, {}]
+    for p in points:
+        P = sw.params(p)
+        where = Path(P.runs_dir) / P.run_name
+        first = " + ".join(s.where for s in (steps.ships.spec(P), steps.scores.spec(P)))
+        waves[0].setdefault(f"{where}: {first}", p)
+        waves[1].setdefault(f"{where}: {steps.prune.spec(P).where}", p)
+    return [list(w.items()) for w in waves]
+
+
+def _retrying(fn: Callable[[], Any], patience_s: float = 3600.0) -> Any:
+    """``fn()``, waiting while another process holds a key it needs (one writer per key)."""
+    from .runs import LockHeld
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            return fn()
+        except LockHeld:
+            if time.monotonic() - t0 > patience_s:
+                raise
+            time.sleep(2.0)
+
+
+def run_upstream(sw_path: str, point: dict[str, Any], wave: int) -> str:
+    """Compute one wave of a point's shared upstream steps (a job of its own on a cluster)."""
+    from . import steps
+    from .runs import Run
+
+    P = load_sweep(sw_path).params(point)
+    run = Run.open(P)
+    if wave == 0:
+        _retrying(lambda: steps.ships.run(run, progress=False))
+        _retrying(lambda: steps.scores.run(run, progress=False))
+    else:
+        _retrying(lambda: steps.prune.run(run, progress=False))
+    return str(run.dir)
+
+
+def run_point(sw_path: str, point: dict[str, Any], log_dir: str) -> dict[str, Any]:
+    """One point: every step through the library, into its run directory; failures are returned,
+    not raised, with the log that holds the traceback."""
+    import contextlib
+
+    from . import steps
+    from .runs import Run
+
+    log = Path(log_dir) / f"{point_id(point)}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            P = load_sweep(sw_path).params(point)
+            run = Run.open(P)
+            res = _retrying(lambda: steps.evaluate.run(run, progress=False))
+            return {"point": point_id(point), "status": "done", "run_dir": str(run.dir), "evaluation": str(res.dir),
+                    "wall_s": round(time.perf_counter() - t0, 1), "log": str(log)}
+        except Exception as e:  # reported, and the other points go on
+            traceback.print_exc()
+            return {"point": point_id(point), "status": "failed", "error": f"{type(e).__name__}: {e}",
+                    "wall_s": round(time.perf_counter() - t0, 1), "log": str(log)}
+
+
+def _map(kind: str, workers: int, fn: Callable, args: list[tuple], folder: Path, executor: dict[str, Any]) -> list:
+    """Run ``fn(*a)`` for every ``a`` with the executor of the sweep."""
+    if kind == "local" or len(args) <= 1 and kind != "slurm":
+        return [fn(*a) for a in args]
+    if kind == "processes":
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            return list(pool.map(fn, *zip(*args)))
+    ex = slurm_executor(folder, executor)
+    jobs = ex.map_array(fn, *zip(*args)) if args else []
+    return [j.result() for j in jobs]
+
+
+def slurm_executor(folder: Path, executor: dict[str, Any]):
+    """A submitit executor with the sweep's Slurm parameters (``cluster: local`` runs it here)."""
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=str(folder / "slurm"), cluster=executor.get("cluster"))
+    ex.update_parameters(**slurm_parameters(executor))
+    return ex
+
+
+def slurm_parameters(executor: dict[str, Any]) -> dict[str, Any]:
+    """What a point's job asks Slurm for."""
+    out = {"timeout_min": int(executor.get("timeout_min", 60)), "mem_gb": int(executor.get("mem_gb", 16)),
+           "name": "hsr-sweep", "cpus_per_task": int(executor.get("cpus_per_task", 4))}
+    if executor.get("partition"):
+        out["slurm_partition"] = executor["partition"]
+    if executor.get("gpus_per_node") is not None:
+        out["gpus_per_node"] = int(executor["gpus_per_node"])
+    return out
+
+
+def run_sweep(path: str | Path, executor: dict[str, Any] | None = None, dry_run: bool = False,
+              findings: bool = True) -> list[dict[str, Any]]:
+    """Run every unfinished point of the sweep (shared upstream steps first), write the points table,
+    then execute notebook 07 over them. Returns the points' rows."""
+    sw = load_sweep(path)
+    ex = {**sw.executor, **(executor or {})}
+    folder = sw.folder()
+    status = [point_status(sw, p) for p in sw.points]
+    todo = [p for p, s in zip(sw.points, status) if not s["done"]]
+    waves = shared_upstream(sw, todo)
+    if dry_run:
+        print(f"sweep {sw.name}: {len(sw.points)} points, {len(todo)} to run ({ex['kind']}, {ex.get('workers', 1)} "
+              f"worker(s)); shared upstream steps first:")
+        for wave in waves:
+            for where, _ in wave:
+                print(f"  {where}")
+        for s in status:
+            print(f"  {'done ' if s['done'] else 'to do'} {s['point']}  ({s['run_dir']})")
+        return status
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i, wave in enumerate(waves):
+        _map(ex["kind"], int(ex.get("workers", 1)), run_upstream, [(str(sw.path), p, i) for _, p in wave], folder, ex)
+    results = _map(ex["kind"], int(ex.get("workers", 1)), run_point,
+                   [(str(sw.path), p, str(folder / "logs")) for p in todo], folder, ex)
+    by_id = {r["point"]: r for r in results}
+    rows = []
+    for p, s in zip(sw.points, status):
+        r = by_id.get(s["point"], {"status": "done" if s["done"] else "missing"})
+        rows.append({**s, "done": r["status"] == "done", "status": r["status"], "error": r.get("error"),
+                     "log": r.get("log"), "wall_s": r.get("wall_s")})
+    atomic_write_json(folder / "points.json", {"sweep": str(sw.path), "base": str(sw.base), "points": rows,
+                                               "wall_s": round(time.perf_counter() - t0, 1)})
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"hsr sweep: point {r['point']} failed: {r['error']}\n  run directory {r['run_dir']}\n  log {r['log']}")
+    if findings and all(r["done"] for r in rows):
+        findings_notebook(folder)
+    return rows
+
+
+def findings_notebook(folder: Path, notebook: Path | None = None) -> Path | None:
+    """Execute notebook 07 over the sweep's points into the sweep's folder (when the project has it)."""
+    from .notebook import PROJECT_ROOT
+
+    nb = notebook or PROJECT_ROOT / "notebooks" / "07_findings.ipynb"
+    if not nb.is_file():
+        return None
+    import papermill as pm
+
+    out = folder / nb.name
+    pm.execute_notebook(str(nb), str(out), parameters={"sweep_dir": str(folder)}, cwd=str(PROJECT_ROOT),
+                        kernel_name="python3", progress_bar=False)
+    return out
+
+
+def status_table(path: str | Path):
+    """A table of the sweep's points and their state (``hsr sweep FILE --status``)."""
+    import pandas as pd
+
+    sw = load_sweep(path)
+    return pd.DataFrame([point_status(sw, p) for p in sw.points])
+
+
+def read_points(folder: str | Path) -> list[dict[str, Any]]:
+    """The points a finished sweep recorded (``points.json`` of its folder)."""
+    return read_json(Path(folder) / "points.json")["points"]
+
+
+__all__ = ["Sweep", "SweepError", "load_sweep", "run_sweep", "status_table", "read_points", "slurm_parameters",
+           "point_id"]

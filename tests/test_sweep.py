@@ -1,0 +1,132 @@
+"""Sweeps: the grid (product and zip), every executor on a 2×2 tiny sweep (in process, local
+processes sharing one run directory, and submitit's local executor standing in for Slurm),
+resuming only what is missing, failing points reported without stopping the others."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY
+from hsr_lib.cli import main
+from hsr_lib.sweep import SweepError, load_sweep, point_id, run_sweep, slurm_parameters, status_table
+
+SMALL = {"data.n_ships": [4], "data.n_scores": [4], "eval.benchmarks": [["safebench", "vlguard_unsafe"]],
+         "eval.n_items": [2], "eval.max_new_tokens": [4], "eval.variants": [["dense", "pruned", "hsr"]]}
+
+
+def write_sweep(tmp_path, grid, executor=None, zipped=None, name="s") -> Path:
+    spec = {"base": str(TINY), "sweep": {**SMALL, "runs_dir": [str(tmp_path / "runs")], **grid},
+            "executor": executor or {"kind": "local"}}
+    if zipped:
+        spec["zip"] = zipped
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def markers(runs: Path) -> dict[str, str]:
+    return {str(p.relative_to(runs)): p.read_text() for p in runs.glob("*/*/*/_step.json")}
+
+
+def test_the_grid_is_the_product_with_zipped_keys_varying_together(tmp_path):
+    sw = load_sweep(write_sweep(tmp_path, {"pruning.sparsity": [0.4, 0.6], "realign.p": [0.6, 0.4],
+                                           "realign.p_max": [0.9, 0.7], "realign.q": [0.3, 0.5, 0.7]},
+                                zipped=[["pruning.sparsity", "realign.p", "realign.p_max"]]))
+    assert len(sw.points) == 2 * 3
+    pairs = {(p["pruning.sparsity"], p["realign.p"], p["realign.p_max"]) for p in sw.points}
+    assert pairs == {(0.4, 0.6, 0.9), (0.6, 0.4, 0.7)}
+    P = sw.params(sw.points[0])
+    assert P.run_name == "tiny-qwen2_5_vl" and P.runs_dir == str(tmp_path / "runs")  # the model's run directory
+    assert len({point_id(p) for p in sw.points}) == 6
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"sweep": {}}, "base: missing"),
+    ({"base": "nope.yaml"}, "no such params file"),
+    ({"base": str(TINY), "sweep": {"realign.q": 0.5}}, "non-empty lists"),
+    ({"base": str(TINY), "sweep": {"realign.q": [0.5], "realign.p": [0.5, 0.6]}, "zip": [["realign.q", "realign.p"]]},
+     "lists of one length"),
+    ({"base": str(TINY), "sweep": {"realign.q": [7]}}, "realign.q"),
+    ({"base": str(TINY), "grid": {}}, "unknown key 'grid'"),
+    ({"base": str(TINY), "executor": {"kind": "mpi"}}, "executor.kind"),
+])
+def test_bad_sweep_files_are_named(tmp_path, spec, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SweepError, match=needle):
+        load_sweep(path)
+
+
+@pytest.mark.slow
+def test_a_2x2_sweep_in_process_then_resume_only_the_missing_point(tmp_path):
+    path = write_sweep(tmp_path, {"pruning.sparsity": [0.4, 0.5], "realign.q": [0.3, 0.5]})
+    rows = run_sweep(path, findings=False)
+    assert [r["status"] for r in rows] == ["done"] * 4 and len({r["evaluation"] for r in rows}) == 4
+    runs = tmp_path / "runs"
+    keys = markers(runs)
+    assert sum(k.startswith("tiny-qwen2_5_vl/prune/") for k in keys) == 2  # one pruning per sparsity
+    assert sum(k.startswith("tiny-qwen2_5_vl/ships/") for k in keys) == 1  # Ships once for all points
+    # a killed sweep: one point's evaluation missing; the re-run finishes only that one
+    gone = rows[1]["evaluation"].split(":")[-1] if ":" in rows[1]["evaluation"] else rows[1]["evaluation"]
+    shutil.rmtree(Path(rows[1]["run_dir"]) / gone)
+    before = {k: v for k, v in markers(runs).items()}
+    again = run_sweep(path, findings=False)
+    assert all(r["done"] for r in again)
+    after = markers(runs)
+    assert {k for k in after if after[k] != before.get(k)} == {f"tiny-qwen2_5_vl/{gone}/_step.json"}
+    st = status_table(path)
+    assert st["done"].all() and len(st) == 4
+    assert json.loads((tmp_path / "runs" / "sweeps" / "s" / "points.json").read_text())["points"][0]["done"]
+
+
+@pytest.mark.slow
+def test_processes_share_one_run_directory(tmp_path):
+    path = write_sweep(tmp_path, {"pruning.sparsity": [0.4, 0.5], "realign.q": [0.3, 0.5]},
+                       {"kind": "processes", "workers": 2})
+    rows = run_sweep(path, findings=False)
+    assert [r["status"] for r in rows] == ["done"] * 4
+
+
+@pytest.mark.slow
+def test_slurm_through_submitit_runs_a_2x2_sweep_here(tmp_path):
+    pytest.importorskip("submitit")
+    executor = {"kind": "slurm", "cluster": "local", "partition": "gpu", "gpus_per_node": 0, "timeout_min": 10,
+                "mem_gb": 8}
+    path = write_sweep(tmp_path, {"pruning.sparsity": [0.4, 0.5], "realign.q": [0.3, 0.5]}, executor)
+    rows = run_sweep(path, findings=False)
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert (tmp_path / "runs" / "sweeps" / "s" / "slurm").is_dir()  # submitit's job folders
+    assert slurm_parameters({"partition": "gpu", "gpus_per_node": 1, "timeout_min": 120, "mem_gb": 64}) == {
+        "timeout_min": 120, "mem_gb": 64, "name": "hsr-sweep", "cpus_per_task": 4, "slurm_partition": "gpu",
+        "gpus_per_node": 1}
+
+
+@pytest.mark.slow
+def test_a_failing_point_is_reported_and_the_others_finish(tmp_path, capsys):
+    path = write_sweep(tmp_path, {"realign.q": [0.3, 0.5], "eval.data_roots": [{}, None]})
+    spec = yaml.safe_load(path.read_text())
+    base_roots = yaml.safe_load(TINY.read_text())["eval"]["data_roots"]
+    spec["sweep"]["eval.data_roots"] = [{}, {k: str((TINY.parent / v).resolve()) for k, v in base_roots.items()}]
+    path.write_text(yaml.safe_dump(spec))
+    code = main(["sweep", str(path), "--no-findings"])
+    out = capsys.readouterr().out
+    assert code == 1 and "failed: BenchmarkError" in out and ".log" in out and "2 of 4 points done" in out
+
+
+def test_dry_run_lists_the_shared_upstream_and_writes_nothing(tmp_path, capsys):
+    path = write_sweep(tmp_path, {"pruning.sparsity": [0.4, 0.5]})
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 points, 2 to run" in out and out.count(": prune/wanda-") == 2 and out.count(": ships/") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_shipped_sweep_files_load():
+    for path in sorted((ROOT / "params" / "sweeps").glob("*.yaml")):
+        if "sweep" in (yaml.safe_load(path.read_text()) or {}):
+            assert load_sweep(path).points, path

@@ -29,13 +29,14 @@ from .sweep import SweepError
 from .runs import FORCE_ENV, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run
 
 NOTEBOOK = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
+LAST_RUN_NOTEBOOK = 6  # 07 (findings) reads a sweep, not a run: `hsr sweep` executes it
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def notebooks(directory: Path, first: str | None = None, last: str | None = None) -> list[Path]:
     """The ``NN_name.ipynb`` files of ``directory`` in order, limited to ``first``..``last``."""
     found = sorted(p for p in directory.glob("*.ipynb") if NOTEBOOK.match(p.name))
-    lo, hi = int(first or 0), int(last or 99)
+    lo, hi = int(first or 0), min(int(last or 99), LAST_RUN_NOTEBOOK)
     return [p for p in found if lo <= int(p.name[:2]) <= hi]
 
 

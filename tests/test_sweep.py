@@ -130,3 +130,28 @@ def test_the_shipped_sweep_files_load():
     for path in sorted((ROOT / "params" / "sweeps").glob("*.yaml")):
         if "sweep" in (yaml.safe_load(path.read_text()) or {}):
             assert load_sweep(path).points, path
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_a_toy_sweep_ends_with_notebook_07(tmp_path):
+    """A small toy sweep (2 sparsities × 2 q) through `hsr sweep`: notebook 07 runs over its points,
+    and what it records follows from them and from the paper's tables."""
+    from hsr_lib.notebook import read_records
+    from hsr_lib.reference import claim
+
+    spec = {"base": str(ROOT / "params" / "toy.yaml"),
+            "sweep": {"runs_dir": [str(tmp_path / "runs")], "pruning.sparsity": [0.7, 0.8], "realign.p": [0.3, 0.2],
+                      "realign.p_max": [0.6, 0.5], "realign.q": [0.05, 0.5],
+                      "eval.variants": [["dense", "pruned", "hsr", "hsr_a", "random_heads@0"]]},
+            "zip": [["pruning.sparsity", "realign.p", "realign.p_max"]]}
+    path = tmp_path / "toy_small.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path)]) == 0
+    out = tmp_path / "runs" / "sweeps" / "toy_small" / "07_findings.ipynb"
+    rec = read_records(out)
+    assert rec["n_points"] == 4 and set(rec["swept"]) >= {"pruning.sparsity", "realign.q"}
+    assert rec["paper_spearman"] == claim("spearman_total_ships_vs_safety_degradation_six_models")
+    assert rec["paper_degradations"]["Qwen2-VL"] == pytest.approx(15.47, abs=0.01)  # the paper's README: 15.47
+    assert rec["sparsity_asr"]["pruned@0.8"] > rec["sparsity_asr"]["pruned@0.7"]  # more pruning, less safety
+    assert set(rec["q_sweep"]) == {"0.05", "0.5"}

@@ -99,39 +99,34 @@ def run_copy(lib_run, tmp_path):
     return make
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """``hsr run params/tiny.yaml`` end to end (every notebook), as the README says, into a
-    temporary runs_dir, once per session: ``(run_dir, completed_process)``."""
+def _hsr_run(params: str, tmp_path_factory):
+    """``hsr run <params>`` end to end (every notebook) into a temporary runs_dir:
+    ``(run_dir, completed_process)``."""
     import subprocess
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    import yaml
+
     script = Path(sys.executable).parent / "hsr"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "hsr_lib.cli"]
     runs = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run([*cmd, "run", "params/tiny.yaml", "-p", f"runs_dir={runs}"], cwd=root,
+    proc = subprocess.run([*cmd, "run", params, "-p", f"runs_dir={runs}"], cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return runs / "tiny", proc
+    return runs / yaml.safe_load((ROOT / params).read_text())["run_name"], proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``hsr run params/tiny.yaml`` (the random-weight smoke run), once per session."""
+    return _hsr_run("params/tiny.yaml", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
-    """``hsr run params/toy.yaml`` (the README's `make run`) into a temporary runs_dir, once per
-    session: ``(run_dir, completed_process)``."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(sys.executable).parent / "hsr"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "hsr_lib.cli"]
-    runs = tmp_path_factory.mktemp("toy_runs")
-    proc = subprocess.run([*cmd, "run", "params/toy.yaml", "-p", f"runs_dir={runs}"], cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return runs / "toy", proc
+    """``hsr run params/toy.yaml`` (the README's `make run`), once per session."""
+    return _hsr_run("params/toy.yaml", tmp_path_factory)
 
 
 @pytest.fixture

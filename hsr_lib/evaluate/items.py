@@ -112,3 +112,12 @@ def read_json_file(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BenchmarkError(f"{path}: not valid JSON ({e})") from None
+
+
+def find_test_json(root: Path, what: str, how_to_get: str) -> Path:
+    """``root`` itself when it is a file, else ``root/test.json`` (VLGuard's test format); a
+    BenchmarkError naming the folder and where to get the data otherwise."""
+    path = root if root.is_file() else root / "test.json"
+    if not path.is_file():
+        raise BenchmarkError(f"{what}: no test.json in {str(root)!r}; {how_to_get}")
+    return path

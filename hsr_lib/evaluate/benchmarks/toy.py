@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...data import DataError, inside_root, load_records
-from ..items import BenchmarkError, EvalItem
+from ..items import BenchmarkError, EvalItem, find_test_json
 
 HOW_TO_GET = "the toy's test set ships with the package (hsr_lib/toy_assets/test/<split>); point the key there"
 SPLITS = {"toy_harmful": "harmful", "toy_harmful_novel": "harmful_novel", "toy_unsafe_image": "unsafe_image",
@@ -19,10 +19,7 @@ SPLITS = {"toy_harmful": "harmful", "toy_harmful_novel": "harmful_novel", "toy_u
 
 def find_file(root: Path) -> Path:
     """``root`` itself, or test.json inside it."""
-    path = root if root.is_file() else root / "test.json"
-    if not path.is_file():
-        raise BenchmarkError(f"toy test set: no test.json in {str(root)!r}; {HOW_TO_GET}")
-    return path
+    return find_test_json(root, "toy test set", HOW_TO_GET)
 
 
 def load(root: Path, name: str = "toy_harmful", allow_outside: bool = False) -> list[EvalItem]:

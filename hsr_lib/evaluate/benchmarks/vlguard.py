@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...data import DataError, load_records, split_records
-from ..items import BenchmarkError, EvalItem
+from ..items import BenchmarkError, EvalItem, find_test_json
 
 SPLIT = {"vlguard_unsafe": "safety", "vlguard_safe_unsafe": "safe_unsafe"}
 HOW_TO_GET = ("download test.json and test.zip (unzipped into test/) from huggingface.co/datasets/ys-zong/VLGuard "
@@ -21,10 +21,7 @@ HOW_TO_GET = ("download test.json and test.zip (unzipped into test/) from huggin
 
 def find_file(root: Path) -> Path:
     """``root`` itself, or test.json inside it."""
-    path = root if root.is_file() else root / "test.json"
-    if not path.is_file():
-        raise BenchmarkError(f"VLGuard: no test.json in {str(root)!r}; {HOW_TO_GET}")
-    return path
+    return find_test_json(root, "VLGuard", HOW_TO_GET)
 
 
 def load(root: Path, name: str = "vlguard_unsafe", allow_outside: bool = False) -> list[EvalItem]:

@@ -20,28 +20,62 @@ from .adapters import ATTN_PARTS, Geometry
 from .prune import prune_mask
 
 
+SAMPLE = 1 << 16  # entries sampled to bracket the threshold of a large matrix
+
+
 def top_fraction(X: torch.Tensor, f: float) -> torch.Tensor:
     """Boolean mask of T(X, f): the int(f·n) largest entries of X, ties to the lower flat index."""
     if not 0.0 <= f <= 1.0:
         raise ValueError(f"fraction {f}: must be in [0, 1]")
     n = X.numel()
     k = int(f * n)
-    flat = X.reshape(-1)
-    mask = torch.zeros(n, dtype=torch.bool, device=X.device)
     if k == 0:
-        return mask.view(X.shape)
+        return torch.zeros(X.shape, dtype=torch.bool, device=X.device)
     if k == n:
-        return mask.fill_(True).view(X.shape)
-    # the k-th largest value (an O(n) selection); everything above it is in, and the first few
-    # entries equal to it fill up to k
-    flat = flat.float()
-    thresh = torch.kthvalue(flat, n - k + 1).values
-    above = flat > thresh
-    need = k - int(above.sum())
-    tie_idx = torch.nonzero(flat == thresh).squeeze(1)[:need]
-    mask |= above
-    mask[tie_idx] = True
-    return mask.view(X.shape)
+        return torch.ones(X.shape, dtype=torch.bool, device=X.device)
+    flat = X.reshape(-1).float()
+    mask = _top_k_bracketed(flat, k) if n > 4 * SAMPLE else None
+    return (mask if mask is not None else _top_k_exact(flat, k)).view(X.shape)
+
+
+def _top_k_exact(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest entries with one O(n) selection over all of them: everything above the k-th
+    largest value is in, and the first entries equal to it (in flat order) fill up to k."""
+    thresh = torch.kthvalue(flat, flat.numel() - k + 1).values
+    mask = flat > thresh
+    need = k - int(mask.sum())
+    mask[torch.nonzero(flat == thresh).squeeze(1)[:need]] = True
+    return mask
+
+
+def _top_k_bracketed(flat: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The same set in about two passes: a seeded sample brackets the k-th largest value
+    (``lo ≤ v ≤ hi``); one pass marks the entries above ``hi``, another gathers the few in
+    ``[lo, hi]``, and the exact selection runs among those. None when the sample was unlucky and
+    the bracket missed the value (the caller then selects over every entry)."""
+    n = flat.numel()
+    rank = n - k + 1  # 1-based rank of the threshold from the bottom
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s = flat[torch.randint(n, (SAMPLE,), generator=g).to(flat.device)].sort().values
+    u = (rank - 0.5) / n
+    j = int(u * SAMPLE)
+    margin = int(6 * (SAMPLE * u * (1 - u)) ** 0.5) + 32
+    lo = s[j - margin] if j - margin >= 0 else None
+    hi = s[j + margin] if j + margin < SAMPLE else None
+    mask = flat > hi if hi is not None else torch.zeros(n, dtype=torch.bool, device=flat.device)
+    n_above = int(mask.sum())
+    inside = ~mask if lo is None else (flat >= lo) & ~mask
+    idx = torch.nonzero(inside).squeeze(1)  # ascending flat order
+    below = n - n_above - idx.numel()
+    if not below < rank <= below + idx.numel():
+        return None
+    cand = flat[idx]
+    thresh = torch.kthvalue(cand, rank - below).values
+    gt = cand > thresh
+    mask[idx[gt]] = True
+    need = k - n_above - int(gt.sum())
+    mask[idx[cand == thresh][:need]] = True
+    return mask
 
 
 def candidate_sets(S: torch.Tensor, U: torch.Tensor, p: float, q: float, p_max: float

@@ -107,3 +107,31 @@ def test_random_heads_seeded():
     assert a == b and len(set(a)) == 3 and a == sorted(a)
     assert all(0 <= l < 2 and 0 <= h < 4 for l, h in a)
     assert random_heads(GQA, 3, seed=8) != a or random_heads(GQA, 3, seed=9) != a
+
+
+def _stable_top(X, f):
+    """The naive reference: the first int(f·n) entries of a stable descending sort."""
+    k = int(f * X.numel())
+    want = torch.zeros(X.numel(), dtype=torch.bool)
+    want[torch.sort(X.reshape(-1).float(), descending=True, stable=True).indices[:k]] = True
+    return want.view(X.shape)
+
+
+def test_fast_selection_on_large_matrices_equals_a_stable_sort():
+    """Above 4 × 65,536 entries T(X, f) brackets its threshold from a sample: exact all the same,
+    also on scores full of ties (bf16-rounded, or all equal)."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(600, 700, generator=g).abs()
+    cases = {"float": X, "bf16 ties": X.bfloat16().float(), "coarse ties": (X * 4).round(), "all equal": X * 0 + 1}
+    for name, M in cases.items():
+        for f in (0.0035, 0.2, 0.5, 0.7, 0.9):
+            assert torch.equal(top_fraction(M, f), _stable_top(M, f)), (name, f)
+
+
+def test_fast_selection_falls_back_when_the_sample_misses(monkeypatch):
+    import hsr_lib.realign as R
+
+    X = torch.randn(600, 700, generator=torch.Generator().manual_seed(2))
+    low = torch.argsort(X.reshape(-1))[: R.SAMPLE]  # a sample of the smallest entries only: the bracket misses
+    monkeypatch.setattr(torch, "randint", lambda n, size, generator=None: low)
+    assert torch.equal(top_fraction(X, 0.3), _stable_top(X, 0.3))

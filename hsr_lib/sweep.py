@@ -134,9 +134,13 @@ def shared_upstream(sw: Sweep, points: list[dict[str, Any]]) -> list[list[tuple[
     for p in points:
         P = sw.params(p)
         where = Path(P.runs_dir) / P.run_name
-        first = " + ".join(s.where for s in (steps.ships.spec(P), steps.scores.spec(P)))
+        try:
+            first = " + ".join(s.where for s in (steps.ships.spec(P), steps.scores.spec(P)))
+            prune = steps.prune.spec(P).where
+        except Exception as e:  # e.g. the data is not on this machine: the points will name it when they run
+            first = prune = f"cannot be planned here ({type(e).__name__}: {e})"
         waves[0].setdefault(f"{where}: {first}", p)
-        waves[1].setdefault(f"{where}: {steps.prune.spec(P).where}", p)
+        waves[1].setdefault(f"{where}: {prune}", p)
     return [list(w.items()) for w in waves]
 
 

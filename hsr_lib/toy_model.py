@@ -3,8 +3,9 @@ laptop CPU in about half a minute, its word-level tokenizer and chat template, t
 and where checkpoints live.
 
 ``toy:qwen2_vl`` is the shipped checkpoint (package data, ``hsr_lib/toy_assets/model``);
-``toy:qwen2_vl-s<seed>`` is the same recipe with another training seed, trained on first use and
-cached under ``$HSR_CACHE`` (default ``~/.cache/hsr``). Training runs with one thread and a fixed
+``toy:qwen2_vl-s<seed>`` is the same recipe with another training seed, and ``toy:qwen2_vl-mha``
+(``-mha-s<seed>``) the same with multi-head attention (4 KV heads) instead of GQA; those are
+trained on first use and cached under ``$HSR_CACHE`` (default ``~/.cache/hsr``). Training runs with one thread and a fixed
 seed, so it is bitwise repeatable on one machine.
 """
 
@@ -35,7 +36,8 @@ TEMPLATE = (
     "{%- endfor -%}{%- endif -%}{{- '<|im_end|> ' -}}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant ' -}}{%- endif -%}"
 )
-_NAME = re.compile(r"toy:qwen2_vl(?:-s(\d+))?")
+_NAME = re.compile(r"toy:qwen2_vl(-mha)?(?:-s(\d+))?")
+SHIPPED_SEED = 3  # the seed of the shipped checkpoint (its card says so too)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Recipe:
     weight_decay: float = 1.0
     warmup: int = 30
     clip: float = 1.0
+    kv_heads: int = 2  # 2: grouped-query attention (the shipped toy); 4: multi-head attention
     n_benign: int = 2000
     n_harmful: int = 20  # rare safety data is what makes the toy's refusal fragile (50/25 made it robust here)
     n_unsafe: int = 10
@@ -75,16 +78,16 @@ def make_processor():
     return image_only_processor(Qwen2VLProcessor)(ip, hf, chat_template=TEMPLATE)
 
 
-def make_config(tok):
-    """Qwen2-VL: text hidden 64, 4 layers, 4 heads, 2 KV heads, intermediate 128, M-RoPE [2, 3, 3];
-    vision depth 2, embed 64, 4 heads."""
+def make_config(tok, kv_heads: int = 2):
+    """Qwen2-VL: text hidden 64, 4 layers, 4 heads, 2 KV heads (or 4), intermediate 128, M-RoPE
+    [2, 3, 3]; vision depth 2, embed 64, 4 heads."""
     from transformers import Qwen2VLConfig
 
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in dict(
         image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
         vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>").items()}
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None,
+                num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512, bos_token_id=None,
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     vision = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2)
@@ -133,7 +136,7 @@ def train(recipe: Recipe = Recipe(), out: str | os.PathLike | None = None, progr
         data = [_encode(processor, ex) for ex in W.train_set(recipe.seed, recipe.n_benign, recipe.n_harmful,
                                                               recipe.n_unsafe)]
         torch.manual_seed(recipe.seed)
-        model = Qwen2VLForConditionalGeneration(make_config(processor.tokenizer)).float().train()
+        model = Qwen2VLForConditionalGeneration(make_config(processor.tokenizer, recipe.kv_heads)).float().train()
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas,
                                 weight_decay=recipe.weight_decay)
 
@@ -186,25 +189,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HSR_CACHE", Path.home() / ".cache" / "hsr")) / "toy"
 
 
-def parse(name: str) -> int | None:
-    """The training seed a toy name asks for (None: the shipped checkpoint); ValueError otherwise."""
+def parse(name: str) -> Recipe | None:
+    """The recipe a toy name asks for (None: the shipped checkpoint); ValueError otherwise."""
     m = _NAME.fullmatch(name)
     if not m:
-        raise ValueError(f"unknown toy model {name!r}; use toy:qwen2_vl or toy:qwen2_vl-s<seed>")
-    return None if m[1] is None else int(m[1])
+        raise ValueError(f"unknown toy model {name!r}; use toy:qwen2_vl, toy:qwen2_vl-s<seed>, toy:qwen2_vl-mha "
+                         "or toy:qwen2_vl-mha-s<seed>")
+    if m[1] is None and m[2] is None:
+        return None
+    return Recipe(seed=SHIPPED_SEED if m[2] is None else int(m[2]), kv_heads=4 if m[1] else 2)
 
 
 def checkpoint(name: str, train_missing: bool = True) -> Path:
-    """The folder of a toy model: the shipped one, or a seed's (trained and cached on first use)."""
-    seed = parse(name)
-    if seed is None:
+    """The folder of a toy model: the shipped one, or another recipe's (trained and cached on first use)."""
+    recipe = parse(name)
+    if recipe is None:
         if not (SHIPPED / "config.json").is_file():
-            raise FileNotFoundError(f"{SHIPPED}: the shipped toy checkpoint is missing (hsr toy train --ship)")
+            raise FileNotFoundError(f"{SHIPPED}: the shipped toy checkpoint is missing (hsr toy ship)")
         return SHIPPED
-    path = cache_dir() / f"qwen2_vl-s{seed}"
+    path = cache_dir() / f"qwen2_vl{'-mha' if recipe.kv_heads == 4 else ''}-s{recipe.seed}"
     if not (path / "config.json").is_file():
         if not train_missing:
-            raise FileNotFoundError(f"{path}: toy seed {seed} is not trained yet (hsr toy train --seed {seed})")
+            raise FileNotFoundError(f"{path}: {name} is not trained yet (hsr toy train)")
         print(f"[hsr] training {name} (about 30 s, cached in {path})", flush=True)
-        train(Recipe(seed=seed), path)
+        train(recipe, path)
     return path

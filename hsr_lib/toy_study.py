@@ -70,14 +70,15 @@ def run_toy(model: str = "toy:qwen2_vl", runs_dir: str | Path | None = None, pro
 
 def seed_row(seed: int, runs_dir: str | Path) -> dict:
     """Train (or reuse) seed ``seed`` and run its pipeline: one row of the seed table."""
-    from .toy_model import checkpoint
+    from .toy_model import cache_dir, checkpoint
 
+    cached = (cache_dir() / f"qwen2_vl-s{seed}" / "config.json").is_file()
     t0 = time.perf_counter()
     checkpoint(f"toy:qwen2_vl-s{seed}")
-    train_s = time.perf_counter() - t0
+    train_s = None if cached else time.perf_counter() - t0  # not trained here: no time to report
     _, table, summary = run_toy(f"toy:qwen2_vl-s{seed}", runs_dir, run_name=f"toy-s{seed}")
     t = table.set_index("variant")
-    row = {"seed": seed, "train_s": round(train_s, 1)}
+    row = {"seed": seed, "train_s": None if train_s is None else round(train_s, 1)}
     for v in ("dense", "pruned", "hsr", "hsr_a", "random_heads"):
         if v in t.index:
             row[f"asr_{v}"] = round(t.loc[v, "asr"], 2)

@@ -126,6 +126,18 @@ def test_dry_run_lists_the_shared_upstream_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_paper_grid_plans_on_a_laptop(capsys):
+    """The cluster grid's dry run: 18 points (six models × three methods), one run directory per model,
+    the Slurm parameters it would submit with; nothing is run or written."""
+    path = ROOT / "params" / "sweeps" / "paper_grid.yaml"
+    sw = load_sweep(path)
+    assert len(sw.points) == 18 and len({sw.params(p).run_name for p in sw.points}) == 6
+    assert {sw.params(p).model.family for p in sw.points} == {"qwen2_5_vl", "qwen2_vl", "llava_next", "mllama"}
+    assert slurm_parameters(sw.executor)["slurm_partition"] == "gpu"
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert "18 points, 18 to run (slurm" in capsys.readouterr().out
+
+
 def test_the_shipped_sweep_files_load():
     for path in sorted((ROOT / "params" / "sweeps").glob("*.yaml")):
         if "sweep" in (yaml.safe_load(path.read_text()) or {}):

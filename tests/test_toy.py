@@ -64,8 +64,11 @@ def test_tokenizer_and_template_fit_the_pipeline():
 
 
 def test_toy_names():
-    assert toy_model.parse("toy:qwen2_vl") is None and toy_model.parse("toy:qwen2_vl-s7") == 7
-    with pytest.raises(ValueError, match="toy:qwen2_vl-s<seed>"):
+    assert toy_model.parse("toy:qwen2_vl") is None and toy_model.parse("toy:qwen2_vl-s7").seed == 7
+    mha = toy_model.parse("toy:qwen2_vl-mha")
+    assert (mha.kv_heads, mha.seed) == (4, toy_model.SHIPPED_SEED) and toy_model.parse("toy:qwen2_vl-mha-s2").seed == 2
+    assert toy_model.make_config(toy_model.make_processor().tokenizer, 4).text_config.num_key_value_heads == 4
+    with pytest.raises(ValueError, match="toy:qwen2_vl-mha"):
         toy_model.parse("toy:llava")
     from hsr_lib.models import ModelError, load_model
 
@@ -81,7 +84,7 @@ def test_the_shipped_checkpoint_loads_with_the_toys_geometry():
     assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim) == (4, 4, 2, 16) and lm.name == "toy:qwen2_vl"
     assert sum(w.weight.numel() for w in lm.prunable_linears().values()) == 147_456
     card = json.loads((toy_model.SHIPPED / "toy_card.json").read_text())
-    assert card["recipe"]["seed"] == toy_model.Recipe(**{**card["recipe"], "betas": tuple(card["recipe"]["betas"])}).seed
+    assert card["recipe"]["seed"] == toy_model.SHIPPED_SEED
     assert {"dense", "pruned", "hsr", "hsr_a", "random_heads"} <= set(card["expected"])
 
 

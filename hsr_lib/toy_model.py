@@ -160,7 +160,7 @@ def train(recipe: Recipe = Recipe(), out: str | os.PathLike | None = None, progr
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         model.eval()
         card = {"recipe": asdict(recipe), "train_s": round(time.perf_counter() - t0, 1),
                 "final_loss": sum(losses[-20:]) / 20, "parameters": sum(p.numel() for p in model.parameters()),

@@ -76,20 +76,13 @@ def load_sweep(path: str | Path) -> Sweep:
     base = (path.parent / spec["base"]).resolve()
     if not base.is_file():
         raise SweepError(f"{path}: base: no such params file {str(base)!r}")
-    grid = spec.get("sweep") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise SweepError(f"{path}: sweep: must map dotted keys to non-empty lists of values")
-    groups = spec.get("zip") or []
-    zipped = [k for g in groups for k in g]
-    for g in groups:
-        missing = [k for k in g if k not in grid]
-        if missing:
-            raise SweepError(f"{path}: zip: {missing[0]!r} has no list under sweep")
-        if len({len(grid[k]) for k in g}) != 1:
-            raise SweepError(f"{path}: zip: {', '.join(g)} must have lists of one length")
-    axes = [[{k: v} for v in grid[k]] for k in grid if k not in zipped]
-    axes += [[dict(zip(g, vals)) for vals in zip(*(grid[k] for k in g))] for g in groups]
-    points = [{k: v for d in combo for k, v in d.items()} for combo in itertools.product(*axes)] if axes else [{}]
+    grids = spec.get("sweep") or {}
+    grids = grids if isinstance(grids, list) else [grids]
+    points: list[dict[str, Any]] = []
+    for grid in grids:  # a list of grids: the union of their points (each point once)
+        for p in _grid_points(path, grid, spec.get("zip") or []):
+            if p not in points:
+                points.append(p)
     executor = {"kind": "local", "workers": 1, **(spec.get("executor") or {})}
     if executor["kind"] not in EXECUTORS:
         raise SweepError(f"{path}: executor.kind: {executor['kind']!r}; use one of {', '.join(EXECUTORS)}")
@@ -100,6 +93,23 @@ def load_sweep(path: str | Path) -> Sweep:
         except ParamsError as e:
             raise SweepError(f"{path}: point {p}: {e}") from None
     return sw
+
+
+def _grid_points(path: Path, grid: Any, groups: list[list[str]]) -> list[dict[str, Any]]:
+    """The points of one grid: the product of its lists, the keys of a ``zip`` group varying together."""
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise SweepError(f"{path}: sweep: must map dotted keys to non-empty lists of values (or be a list of such maps)")
+    groups = [g for g in groups if any(k in grid for k in g)]
+    zipped = [k for g in groups for k in g]
+    for g in groups:
+        missing = [k for k in g if k not in grid]
+        if missing:
+            raise SweepError(f"{path}: zip: {missing[0]!r} has no list under sweep")
+        if len({len(grid[k]) for k in g}) != 1:
+            raise SweepError(f"{path}: zip: {', '.join(g)} must have lists of one length")
+    axes = [[{k: v} for v in grid[k]] for k in grid if k not in zipped]
+    axes += [[dict(zip(g, vals)) for vals in zip(*(grid[k] for k in g))] for g in groups]
+    return [{k: v for d in combo for k, v in d.items()} for combo in itertools.product(*axes)] if axes else [{}]
 
 
 def point_id(point: dict[str, Any]) -> str:
@@ -116,7 +126,7 @@ def point_status(sw: Sweep, point: dict[str, Any]) -> dict[str, Any]:
 
     P = sw.params(point)
     run = Run(P, Path(P.runs_dir) / P.run_name)
-    row = {"point": point_id(point), **{k: v for k, v in point.items()}, "run_dir": str(run.dir)}
+    row = {"point": point_id(point), **{k: v for k, v in point.items()}, "values": point, "run_dir": str(run.dir)}
     try:
         spec = steps.evaluate.spec(P)
     except Exception as e:  # e.g. missing benchmark data: the point will fail, named, when it runs

@@ -162,7 +162,7 @@ def test_a_toy_sweep_ends_with_notebook_07(tmp_path):
     assert main(["sweep", str(path)]) == 0
     out = tmp_path / "runs" / "sweeps" / "toy_small" / "07_findings.ipynb"
     rec = read_records(out)
-    assert rec["n_points"] == 4 and set(rec["swept"]) >= {"pruning.sparsity", "realign.q"}
+    assert rec["n_points"] == 4 and rec["models"] == ["toy:qwen2_vl"]
     assert rec["paper_spearman"] == claim("spearman_total_ships_vs_safety_degradation_six_models")
     assert rec["paper_degradations"]["Qwen2-VL"] == pytest.approx(15.47, abs=0.01)  # the paper's README: 15.47
     assert rec["sparsity_asr"]["pruned@0.8"] > rec["sparsity_asr"]["pruned@0.7"]  # more pruning, less safety

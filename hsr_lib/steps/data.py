@@ -8,7 +8,6 @@ one sample it reads (:func:`sample_fingerprint`), so changing ``data.n_scores`` 
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 
 from ..data import (SPLITS, Sample, check_images, load_records, load_samples, resolve_vlguard, sample, sample_size,
                     save_samples, split_records)
-from ..io import atomic_write_json, file_hash, stable_hash
+from ..io import atomic_write_json, cached_file_hash, stable_hash
 from ..params import Params
 from ..runs import Run, Spec
 from ..synthetic import make_synthetic_vlguard
@@ -49,11 +48,6 @@ class DataSets(Result):
         return load_samples(self.dir / f"{name}.jsonl", self.root)
 
 
-@functools.lru_cache(maxsize=16)
-def _file_hash(path: str, size: int, mtime_ns: int) -> str:
-    return file_hash(path)
-
-
 def source(P: Params, run_dir: Path | None = None) -> tuple[Path | None, Path | None, dict[str, Any]]:
     """``(train.json, image root, what fingerprints them)``; for synthetic data the paths are
     those inside ``run_dir`` (None without one)."""
@@ -64,8 +58,8 @@ def source(P: Params, run_dir: Path | None = None) -> tuple[Path | None, Path | 
             {"toy_world": TOY_WORLD_VERSION, "seed": SYNTHETIC_SEED}
         return (None if root is None else root / "train.json"), root, inputs
     train_json, image_root = resolve_vlguard(d.vlguard_root, d.train_json, d.image_root)
-    st = train_json.stat()  # content, not location: a moved download keeps its keys
-    return train_json, image_root, {"train_json": _file_hash(str(train_json), st.st_size, st.st_mtime_ns)}
+    # content, not location: a moved download keeps its keys
+    return train_json, image_root, {"train_json": cached_file_hash(train_json)}
 
 
 def synthetic_dir(run_dir: Path, P: Params) -> Path:

@@ -9,13 +9,12 @@ where to get it. ``params/tiny.yaml`` points every root at the small fixtures in
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ...io import file_hash
+from ...io import cached_file_hash
 from ..items import BenchmarkError, EvalItem, Kind, first_n
 from . import ch3ef, docvqa, mmbench, safebench, toy, vlguard
 
@@ -79,14 +78,7 @@ def data_file(name: str, data_roots: Mapping[str, str]) -> Path:
 def data_fingerprint(name: str, data_roots: Mapping[str, str]) -> str:
     """Hash of the benchmark's main data file (what step caching compares), computed once per
     file version in a process (keys are computed often; a real MMBench TSV is tens of MB)."""
-    path = data_file(name, data_roots)
-    st = path.stat()
-    return _hash(str(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _hash(path: str, size: int, mtime_ns: int) -> str:
-    return file_hash(path)
+    return cached_file_hash(data_file(name, data_roots))
 
 
 def load_benchmark(name: str, data_roots: Mapping[str, str], n_items: int | None = None,

@@ -26,7 +26,7 @@ from .params import ParamsError, load_params
 from .preflight import InputError, check, steps_for
 from .progress import TEXT_ENV
 from .sweep import SweepError
-from .runs import FORCE_ENV, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run
+from .runs import FORCE_ENV, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run, resolve_paths
 
 NOTEBOOK = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 LAST_RUN_NOTEBOOK = 6  # 07 (findings) reads a sweep, not a run: `hsr sweep` executes it
@@ -69,10 +69,7 @@ def run_pipeline(params_path: str, overrides: list[str], first: str | None = Non
     if not todo:
         print(f"hsr: no notebooks NN_*.ipynb in {folder} between {first or '00'} and {last or '99'}", file=sys.stderr)
         return EXIT_INPUT
-    P = load_params(params_path, overrides)
-    from .runs import resolve_paths
-
-    P = resolve_paths(P)
+    P = resolve_paths(load_params(params_path, overrides))
     check(P, steps_for(int(p.name[:2]) for p in todo))
     try:
         run = Run.open(P, verify=verify, force=force)

@@ -16,7 +16,6 @@ puts masks on a dense model. The step that stores them for a run is :mod:`hsr_li
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch

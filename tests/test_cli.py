@@ -1,6 +1,5 @@
 """The runner: `hsr run` executes the notebooks with papermill into the run directory."""
 
-import json
 import os
 import subprocess
 import sys

@@ -233,3 +233,9 @@ def test_every_module_pruned_to_pattern(family, method, fresh_lm, calib_samples)
             assert torch.equal(W[~mask], dense[k][~mask])  # Wanda and SNIP only zero
     if family == "mllama":
         assert "layers.2.cross_attn.k_proj" in res.masks
+
+
+def test_pattern_labels_for_folder_names():
+    assert pattern_label("unstructured") == "unstructured" and pattern_label("2:4") == "2of4"
+    with pytest.raises(ValueError, match="'3:2'"):
+        pattern_label("3:2")

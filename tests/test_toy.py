@@ -5,7 +5,6 @@ training command regenerates the shipped checkpoint's numbers."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -197,9 +197,8 @@ def toy_figure(numbers: pd.DataFrame):
     for ax, col, title in ((axes[0], "asr", "ASR on harmful inputs, % (lower is safer)"),
                            (axes[1], "benign_accuracy", "benign accuracy, % (higher is better)")):
         err = t[f"{col}_sd"].fillna(0) if f"{col}_sd" in t else None
-        ax.bar(t.index, t[col], yerr=err, capsize=4,
-               color=["tab:gray" if v == "dense" else "tab:red" if v == "pruned" else "tab:green" if v == "hsr"
-                      else "tab:olive" for v in t.index])
+        colours = {"dense": "tab:gray", "pruned": "tab:red", "hsr": "tab:green", "hsr_a": "tab:purple"}
+        ax.bar(t.index, t[col], yerr=err, capsize=4, color=[colours.get(v, "tab:olive") for v in t.index])
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, 100)
         ax.tick_params(axis="x", labelrotation=15)

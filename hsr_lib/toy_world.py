@@ -127,9 +127,6 @@ def train_set(seed: int = 0, n_benign: int = 2000, n_harmful: int = 20, n_unsafe
     return [out[int(j)] for j in rng.permutation(len(out))]
 
 
-TEST_SPLITS = ("harmful", "harmful_novel", "unsafe_image", "benign")
-
-
 def test_set(seed: int = 1_000_003, n_harmful: int = 100, n_novel: int = 200, n_unsafe: int = 100,
              n_benign: int = 300) -> dict[str, list[Example]]:
     """The test splits: harmful text with unseen fillers (in-distribution templates) and with unseen

@@ -5,7 +5,6 @@ such as the Ships heatmap outlining the ``realign.top_h`` heads, is drawn here, 
 from __future__ import annotations
 
 import textwrap
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -74,17 +73,11 @@ def ablated_answers(lm: LoadedModel, samples: Sequence[Sample], heads: list[Head
     (``cfg``: an :class:`~hsr_lib.ships_engine.AblationConfig`)."""
     from .ablation import ablate
 
-    rows = []
-    for s in samples:
-        enc = encode_prompt(lm.processor, s, lm.adapter, lm.device)
-        n = enc["input_ids"].shape[1]
-        answers = {}
-        for label, ctx in (("dense", None), ("heads ablated", heads)):
-            with (ablate(lm, [ctx], cfg.epsilon, cfg.parts, cfg.gqa_slot_bug) if ctx else nullcontext()):
-                out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            answers[label] = lm.processor.tokenizer.decode(out[0, n:], skip_special_tokens=True).strip()
-        rows.append({"id": s.id, "question": s.question, **answers})
-    return pd.DataFrame(rows)
+    dense = greedy_answers(lm, samples, max_new_tokens)
+    with ablate(lm, [heads], cfg.epsilon, cfg.parts, cfg.gqa_slot_bug):  # one prompt at a time: one batch row
+        ablated = greedy_answers(lm, samples, max_new_tokens)
+    return pd.DataFrame({"id": [s.id for s in samples], "question": [s.question for s in samples],
+                         "dense": dense, "heads ablated": ablated})
 
 
 # ---------------------------------------------------------------- scores (03)

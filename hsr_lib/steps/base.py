@@ -37,13 +37,6 @@ class Result:
     key: str
     summary: dict[str, Any] = field(repr=False)
 
-    def file(self, name: str) -> Path:
-        """An artifact of the step, by file name (FileNotFoundError naming it when absent)."""
-        path = self.dir / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such artifact in {self.dir.parent.name}/{self.key}")
-        return path
-
 
 def finished(run: Run, spec: Spec, what: str) -> tuple[Path, dict[str, Any]]:
     """The keyed folder and summary of a finished ``spec``; :class:`StepNotDone` naming it otherwise."""
@@ -51,7 +44,7 @@ def finished(run: Run, spec: Spec, what: str) -> tuple[Path, dict[str, Any]]:
     if why is not None:
         state = "has not finished for these params" if why in ("not computed", "made with other inputs") else \
             f"cannot be used ({why})"
-        raise StepNotDone(f"{run.dir / spec.step / spec.key}: the {what} step {state}; "
+        raise StepNotDone(f"{run.path(spec)}: the {what} step {state}; "
                           f"run it (hsr_lib.steps.{spec.step}.run)")
     d = run.path(spec)
     return d, read_json(d / "summary.json")
@@ -66,10 +59,19 @@ def ensure(run: Run, specs: Iterable[Spec], upstream: str = "compute", progress:
         if run.is_done(spec):
             continue
         if upstream == "refuse":
-            raise MissingUpstream(f"missing upstream step {spec.step!r} ({run.dir / spec.step / spec.key}); "
+            raise MissingUpstream(f"missing upstream step {spec.step!r} ({run.path(spec)}); "
                                   f"run it first, or call with upstream='compute'")
         print(f"[hsr] computing upstream step {spec.step!r}: {spec.where}", flush=True)
         spec.runner(run.using(spec.params), upstream=upstream, progress=progress)
+
+
+def repair_export(run: Run, spec: Spec, result: Any, wanted: bool) -> Any:
+    """A finished step asked for its exported model (``save_model``) but lacking it (a crash while
+    saving, or the flag turned on later): rebuild it from the artifacts, under the key's lock."""
+    if wanted and not (result.dir / "model" / "config.json").is_file():
+        with run.lock(spec):
+            result.save_model()
+    return result
 
 
 def requirements(spec: Spec) -> tuple[Spec, ...]:

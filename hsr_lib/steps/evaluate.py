@@ -80,10 +80,14 @@ def _generation(P: Params) -> dict[str, Any]:
     return {"version": EVAL_VERSION, "max_new_tokens": E.max_new_tokens, "batch_size": E.batch_size}
 
 
+def _responses_config(P: Params, variant: str) -> str:
+    """What a variant's answers depend on: its weights and the generation's settings."""
+    return stable_hash({"variant": V.fingerprint(P, variant), "generation": _generation(P)})
+
+
 def responses_key(P: Params, variant: str) -> str:
-    """The folder of a variant's answers: its name and a hash of its weights' and the generation's settings."""
-    h = stable_hash({"variant": V.fingerprint(P, variant), "generation": _generation(P)})
-    return f"{V.label(variant)}-{h[:10]}"
+    """The folder of a variant's answers: its name and :func:`_responses_config`."""
+    return f"{V.label(variant)}-{_responses_config(P, variant)[:10]}"
 
 
 def _judge_fingerprint(P: Params) -> str | None:
@@ -134,7 +138,7 @@ def _generate(run: Run, items: dict[str, list[EvalItem]], progress: bool
     for v in P.eval.variants:
         s = V.variant_spec(P, v)
         lm = V.load_variant(run, v, upstream="refuse")
-        config = stable_hash({"variant": V.fingerprint(P, v), "generation": _generation(P)})
+        config = _responses_config(P, v)
         answers[v] = {b: generate_responses(lm, its, v, ResponseStore(dirs[v] / f"{b}.jsonl", config),
                                             P.eval.max_new_tokens, P.eval.batch_size, progress)
                       for b, its in items.items()}

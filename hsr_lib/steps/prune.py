@@ -31,7 +31,7 @@ from ..runs import Run, Spec
 from ..scores import check_method
 from ..sparsity import check_sparsity, pattern_label
 from . import data
-from .base import Result, ensure, finished, model_reads, requirements
+from .base import Result, ensure, finished, model_reads, repair_export, requirements
 
 NAME = "prune"
 
@@ -116,11 +116,7 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True, lm: Loade
     check_sparsity(pp.sparsity, pp.pattern)
     ensure(run, requirements(s), upstream, progress)
     if run.is_done(s):
-        res = load(run)
-        if pp.save_model and not (res.dir / "model" / "config.json").is_file():
-            with run.lock(s):
-                res.save_model()
-        return res
+        return repair_export(run, s, load(run), pp.save_model)
     samples = data.load(run).load("scores_utility")
     lm = lm or load_for_calibration(P)
     with run.step(s) as d:

@@ -36,7 +36,7 @@ from ..realign import candidate_sets, head_region, module_kind, random_heads, re
 from ..runs import Run, Spec
 from ..ships import Head, head_key
 from . import prune, scores, ships
-from .base import Result, ensure, finished, geometry, requirements
+from .base import Result, ensure, finished, geometry, repair_export, requirements
 
 NAME = "realign"
 
@@ -125,11 +125,7 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> Realig
     P, s = run.params, spec(run.params)
     ensure(run, requirements(s), upstream, progress)
     if run.is_done(s):
-        res = load(run)
-        if P.realign.save_model and not (res.dir / "model" / "config.json").is_file():
-            with run.lock(s):
-                res.save_model()
-        return res
+        return repair_export(run, s, load(run), P.realign.save_model)
     adapter, config, geo = geometry(P)
     heads = choose_heads(run, geo)
     with run.step(s) as d:

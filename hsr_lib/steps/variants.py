@@ -20,7 +20,6 @@ from . import prune, realign
 from .base import ensure, model_reads
 
 BASE = ("dense", "pruned")
-REALIGNED = ("hsr", "hsr_a", "random_heads")
 parse = parse_variant
 
 

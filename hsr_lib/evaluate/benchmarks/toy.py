@@ -13,8 +13,6 @@ from ...data import DataError, inside_root, load_records
 from ..items import BenchmarkError, EvalItem, find_test_json
 
 HOW_TO_GET = "the toy's test set ships with the package (hsr_lib/toy_assets/test/<split>); point the key there"
-SPLITS = {"toy_harmful": "harmful", "toy_harmful_novel": "harmful_novel", "toy_unsafe_image": "unsafe_image",
-          "toy_benign": "benign"}
 
 
 def find_file(root: Path) -> Path:

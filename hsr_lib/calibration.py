@@ -31,7 +31,7 @@ from .data import Sample, open_image
 from .decoder import trace
 from .models import DTYPES, LoadedModel, load_from_params, load_model, resolve_device, resolve_dtype
 from .progress import maybe
-from .prompts import conversation_text, encode, encode_calibration
+from .prompts import calibration_special_tokens, conversation_text, encode, encode_calibration
 
 InputHook = Callable[[str, torch.Tensor], None]
 
@@ -88,7 +88,8 @@ def encode_batch(lm: LoadedModel, samples: Sequence[Sample], fidelity: str = "pa
     if len(cals) == 1:
         return cals[0].inputs.to(lm.device), [(cals[0].start, cals[0].end)]
     texts = [conversation_text(lm.processor, s.question, s.response, lm.adapter) for s in samples]
-    inputs = encode(lm.processor, texts, [open_image(s.image, s.id) for s in samples])
+    inputs = encode(lm.processor, texts, [open_image(s.image, s.id) for s in samples],
+                    add_special_tokens=calibration_special_tokens(lm.processor, fidelity))
     ids, spans = inputs["input_ids"], []
     for b, cal in enumerate(cals):
         pad = ids.shape[1] - cal.input_ids.shape[0]

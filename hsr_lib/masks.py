@@ -72,9 +72,16 @@ def _canonical_header(path: str | os.PathLike) -> None:
 def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor],
                metadata: Mapping[str, str] | None = None) -> Path:
     """Write boolean masks bit-packed (uint8) with their shapes in the metadata, atomically."""
-    meta = {"format": FORMAT, "shapes": json.dumps({k: list(v.shape) for k, v in masks.items()}),
-            **dict(metadata or {})}
-    return atomic_save_safetensors(path, {k: pack(v) for k, v in masks.items()}, meta)
+    return save_packed(path, {k: pack(v) for k, v in masks.items()}, {k: list(v.shape) for k, v in masks.items()},
+                       metadata)
+
+
+def save_packed(path: str | os.PathLike, packed: Mapping[str, torch.Tensor], shapes: Mapping[str, list[int]],
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """Write masks already packed by :func:`pack` (so that a whole model's masks are never held
+    unpacked), with their ``shapes``, atomically."""
+    meta = {"format": FORMAT, "shapes": json.dumps({k: list(shapes[k]) for k in packed}), **dict(metadata or {})}
+    return atomic_save_safetensors(path, dict(packed), meta)
 
 
 def mask_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -108,15 +115,20 @@ def mask_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
 
 def rewrite_masks(src: str | os.PathLike, dst: str | os.PathLike, changed: Mapping[str, torch.Tensor],
                   metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``dst`` = the masks of ``src`` with those in ``changed`` replaced; the others are
-    copied still packed (a 7B model's masks never exist unpacked all at once)."""
+    """Write ``dst`` = the masks of ``src`` with those in ``changed`` replaced (boolean, or already
+    :func:`pack`-ed as uint8); the others are copied still packed (a 7B model's masks never exist
+    unpacked all at once)."""
     from safetensors import safe_open
 
     shapes = mask_shapes(src)
     for k, v in changed.items():
-        if list(v.shape) != shapes.get(k):
+        if v.dtype == torch.uint8:
+            if k not in shapes or v.numel() != (int(np.prod(shapes[k])) + 7) // 8:
+                raise ValueError(f"{src}: packed mask {k!r} does not fit the shape {shapes.get(k)}")
+        elif list(v.shape) != shapes.get(k):
             raise ValueError(f"{src}: mask {k!r} has shape {shapes.get(k)}, the replacement {list(v.shape)}")
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata() or {})
-        tensors = {k: pack(changed[k]) if k in changed else f.get_tensor(k) for k in f.keys()}
+        tensors = {k: (changed[k] if changed[k].dtype == torch.uint8 else pack(changed[k])) if k in changed
+                   else f.get_tensor(k) for k in f.keys()}
     return atomic_save_safetensors(dst, tensors, {**meta, **dict(metadata or {})})

@@ -26,15 +26,17 @@ def conversation_text(processor, question: str, response: str, adapter: FamilyAd
                                          tokenize=False)
 
 
-def encode(processor, texts: list[str], images: list, device: torch.device | str = "cpu") -> Any:
+def encode(processor, texts: list[str], images: list, device: torch.device | str = "cpu",
+           add_special_tokens: bool = True) -> Any:
     """Tokenize texts with their images (one image each), left-padded, as tensors on ``device``.
 
     Images go in as one list per text, the form every supported processor accepts (Mllama's
-    requires it)."""
+    requires it). ``add_special_tokens=False`` keeps the tokenizer from adding its own BOS."""
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
+    extra = {} if add_special_tokens else {"add_special_tokens": False}
     try:
-        enc = processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True)
+        enc = processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True, **extra)
     finally:
         tok.padding_side = side
     return enc.to(device)
@@ -79,6 +81,13 @@ class CalibrationSample:
         return labels[None]
 
 
+def calibration_special_tokens(processor, fidelity: str = "paper") -> bool:
+    """Whether calibration text gets the tokenizer's special tokens: not in ``reference`` mode with
+    a Llama-3 template, whose released loader tokenizes with ``add_special_tokens=False`` (the
+    template's BOS once; the Ships prompts keep the default and carry it twice)."""
+    return not (fidelity == "reference" and chat_style(processor) == "llama3")
+
+
 def response_span(prompt_len: int, total_len: int, style: str, fidelity: str = "paper") -> tuple[int, int]:
     """Response positions ``[start, end)``: every position at or after the prompt's length.
 
@@ -94,8 +103,10 @@ def encode_calibration(processor, sample: Sample, fidelity: str = "paper", adapt
                        device="cpu") -> CalibrationSample:
     """Encode prompt+response with the image and locate the response positions."""
     image = open_image(sample.image, sample.id)
-    prompt = encode(processor, [prompt_text(processor, sample.question, adapter)], [image])
-    full = encode(processor, [conversation_text(processor, sample.question, sample.response, adapter)], [image])
+    special = calibration_special_tokens(processor, fidelity)
+    prompt = encode(processor, [prompt_text(processor, sample.question, adapter)], [image], add_special_tokens=special)
+    full = encode(processor, [conversation_text(processor, sample.question, sample.response, adapter)], [image],
+                  add_special_tokens=special)
     p_ids, f_ids = prompt["input_ids"][0], full["input_ids"][0]
     n = p_ids.shape[0]
     if f_ids.shape[0] <= n:
@@ -106,6 +117,21 @@ def encode_calibration(processor, sample: Sample, fidelity: str = "paper", adapt
                       "response positions follow the prompt length (docs/method.md)", stacklevel=2)
     start, end = response_span(n, f_ids.shape[0], chat_style(processor), fidelity)
     return CalibrationSample(sample.id, full.to(device), start, end)
+
+
+IMAGE_GEOMETRY = ("image_sizes", "image_grid_thw", "aspect_ratio_ids", "num_tiles")
+
+
+def token_record(sample_id: str, inputs: Any, **positions: int) -> dict:
+    """What a step fed the model for one sample, for diffing against another implementation:
+    the token ids, the given positions (e.g. ``last``, or a response span ``start``/``end``) and
+    the image geometry the processor reported (``image_sizes`` for LLaVA-NeXT and so on)."""
+    rec: dict = {"id": sample_id, "input_ids": inputs["input_ids"][0].tolist(), **positions}
+    for k in IMAGE_GEOMETRY:
+        if k in inputs and inputs[k] is not None:
+            v = inputs[k]
+            rec[k] = v.tolist() if hasattr(v, "tolist") else v
+    return rec
 
 
 def render_tokens(tokenizer, ids: list[int], mark: int | None = None, marker: str = " ▶ ") -> str:

@@ -26,7 +26,7 @@ from .models import LoadedModel
 from .progress import maybe
 from .scores import InputStats, check_method, snip_score, wanda_score
 from .snip import abs_gradients
-from .sparsegpt import inverse_cholesky, sparsegpt_prune
+from .sparsegpt import dead_inputs, inverse_cholesky, sparsegpt_prune
 from .sparsity import check_divisible, check_sparsity
 
 
@@ -69,6 +69,7 @@ def _prune_stats_layer(lm: LoadedModel, cal: Calibration, method: str, sparsity:
     stats = InputStats(sq=method == "wanda", xtx=method == "sparsegpt")
     outs = run_layer(lm, cal, stats.add, outputs=dense_outputs)
     hinv: dict[str, tuple[torch.Tensor, float]] = {}  # per input group: inverse_cholesky(H)
+    dead: dict[str, torch.Tensor] = {}
     for name, lin in layer_linears(lm, cal.layer).items():
         width = lin.weight.shape[1]
         if method == "wanda":
@@ -77,9 +78,10 @@ def _prune_stats_layer(lm: LoadedModel, cal: Calibration, method: str, sparsity:
         else:
             key = stats.key(name)
             if key not in hinv:
-                hinv[key] = inverse_cholesky(stats.hessian(name, cal.n_samples, width).to(lin.weight.device),
-                                             percdamp, name)
-            W, mask, pd = sparsegpt_prune(lin.weight, None, sparsity, pattern, blocksize, percdamp, name, hinv[key])
+                H = stats.hessian(name, cal.n_samples, width).to(lin.weight.device)
+                hinv[key], dead[key] = inverse_cholesky(H, percdamp, name), dead_inputs(H)
+            W, mask, pd = sparsegpt_prune(lin.weight, None, sparsity, pattern, blocksize, percdamp, name,
+                                          hinv[key], dead[key])
             lin.weight.copy_(W)
             res.weights[name] = W.cpu()
             res.damping[name] = pd

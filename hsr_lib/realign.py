@@ -132,10 +132,11 @@ def head_region(kind: str, shape: tuple[int, int], geo: Geometry, heads: Iterabl
     return region
 
 
-def rederived_mask(U: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The released code's base mask: the pruning rule re-applied to the dense utility scores,
-    per output row the int(in·s) lowest (stable ascending sort), unstructured."""
-    return prune_mask(U, sparsity, "unstructured")
+def rederived_mask(U: torch.Tensor, sparsity: float, pattern: str = "unstructured") -> torch.Tensor:
+    """The released code's base mask: the pruning rule re-applied to the dense utility scores with
+    the run's pattern (per output row the int(in·s) lowest, stable ascending sort; or under N:M
+    the N lowest of every M consecutive inputs)."""
+    return prune_mask(U, sparsity, pattern)
 
 
 def restore_set(P: torch.Tensor, S: torch.Tensor, U: torch.Tensor, region: torch.Tensor, variant: str,

@@ -4,7 +4,7 @@ For W ∈ R^{out×in} with inputs x at the response positions of N calibration s
 
 * Wanda: ``r_j = (1/N) Σ_n Σ_t x²_{n,t,j}`` (fp32), score ``|W| · sqrt(r)`` broadcast over rows;
 * SparseGPT: ``H = (2/N) Σ_n X_n X_nᵀ``, dead inputs ``H_jj = 1``, damping ``0.01 · mean(diag H)``,
-  score ``W_ij² / [H⁻¹]_jj²``;
+  score ``W_ij² / [H⁻¹]_jj`` (dead inputs' weights zeroed);
 * SNIP: ``|W| · Σ_n |∂L_n/∂W|``, ``L_n`` the mean cross-entropy over sample n's response
   positions (:mod:`hsr_lib.snip`).
 
@@ -23,7 +23,7 @@ from .data import Sample
 from .models import LoadedModel
 from .progress import maybe
 from .snip import abs_gradients
-from .sparsegpt import inverse_diagonal
+from .sparsegpt import dead_inputs, inverse_diagonal
 
 METHODS = ("wanda", "sparsegpt", "snip")
 
@@ -89,10 +89,14 @@ def wanda_score(W: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def sparsegpt_score(W: torch.Tensor, H: torch.Tensor | None, percdamp: float = 0.01, name: str = "",
-                    inv_diag: torch.Tensor | None = None) -> torch.Tensor:
-    """``W_ij² / [H⁻¹]_jj²`` with the damped Hessian (fp32); ``inv_diag`` = diag(H⁻¹) if known."""
-    d = inv_diag if inv_diag is not None else inverse_diagonal(H.to(W.device), percdamp, name)[0]
-    return W.detach().float() ** 2 / d.to(W.device)[None, :] ** 2
+                    inv_diag: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The OBS saliency ``W_ij² / [H⁻¹]_jj`` with the damped Hessian (fp32); the weights of dead inputs
+    are zeroed, as SparseGPT zeroes them. ``inv_diag`` = (diag(H⁻¹), dead inputs) if known."""
+    if inv_diag is None:
+        H = H.to(W.device)
+        inv_diag = inverse_diagonal(H, percdamp, name)[0], dead_inputs(H)
+    d, dead = (t.to(W.device) for t in inv_diag)
+    return W.detach().float().masked_fill(dead[None, :], 0) ** 2 / d[None, :]
 
 
 def snip_score(W: torch.Tensor, abs_grad_sum: torch.Tensor) -> torch.Tensor:
@@ -121,7 +125,7 @@ def compute_scores(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence
                 stats = InputStats(sq="wanda" in methods, xtx="sparsegpt" in methods)
                 more = i < n_layers - 1  # the last layer's outputs feed nothing
                 outs = run_layer(lm, cal, stats.add, outputs=more)
-                inv_diag: dict[str, torch.Tensor] = {}  # per input group: diag(H⁻¹)
+                inv_diag: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per input group: diag(H⁻¹), dead
                 for name, lin in layer_linears(lm, i).items():
                     W, width = lin.weight, lin.weight.shape[1]
                     if "wanda" in methods:
@@ -131,7 +135,7 @@ def compute_scores(lm: LoadedModel, samples: Sequence[Sample], methods: Sequence
                         key = stats.key(name)
                         if key not in inv_diag:
                             H = stats.hessian(name, cal.n_samples, width).to(W.device)
-                            inv_diag[key] = inverse_diagonal(H, percdamp, name)[0]
+                            inv_diag[key] = inverse_diagonal(H, percdamp, name)[0], dead_inputs(H)
                         out["sparsegpt"][name] = sparsegpt_score(W, None, inv_diag=inv_diag[key]).to("cpu", out_dtype)
             if more:
                 cal.advance(outs)

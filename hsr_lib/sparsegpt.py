@@ -4,16 +4,18 @@
 then ``0.01 · mean(diag H)`` is added to the diagonal. When the Cholesky factorisation still
 fails, the damping is multiplied by 10 (a warning says so) until it succeeds.
 
-``U`` is the upper Cholesky factor of ``H⁻¹``; ``U_jj² = [H[j:, j:]⁻¹]_00``, so ``w² / U_jj²`` is the
-OBS saliency of a weight once the columns before it are fixed. (The importance *score* stored for
-S and U, docs/method.md, is ``W² / [H⁻¹]_jj²`` with the full inverse: :func:`inverse_diagonal`.)
+``U`` is the upper Cholesky factor of ``H⁻¹``; ``U_jj² = [H[j:, j:]⁻¹]_00``. Mask selection is the
+original algorithm's (IST-DASLab ``fasterprune``), entry for entry:
 
-Mask selection follows the released algorithm with one change the design asks for: in the
-unstructured pattern each row of a block of columns ``[i1, i2)`` loses exactly
-``int(i2·s) − int(i1·s)`` weights (its lowest ``w² / U_jj²``, stable order), so every row ends with
-exactly ``int(in·s)`` zeros; the released code thresholds a block over all rows jointly. Under
-N:M, each group of M columns loses its N lowest when the sweep reaches it. Inputs whose
-Hessian diagonal is zero are not zeroed outside the mask (the released code zeroes them).
+- unstructured: when the sweep reaches a block of columns ``[i1, i2)``, ``t = w² / U_jj²`` is formed
+  for the whole block (all rows, the block's weights as updated so far) and every entry with
+  ``t ≤`` the ``int(numel·s)``-th smallest value (0-based) is pruned: one threshold per block across
+  rows, so rows end up unequally sparse;
+- N:M: each group of M columns loses, per row, its N lowest ``t`` when the sweep reaches it.
+
+The weights of dead inputs are zeroed before the sweep, as the original does; they count as
+pruned in the returned mask. (The importance *score* stored for S and U, docs/method.md, is
+``W² / [H⁻¹]_jj`` with the full inverse: :func:`inverse_diagonal`.)
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import warnings
 import torch
 
 from .sparsity import check_sparsity
+
+
+def dead_inputs(H: torch.Tensor) -> torch.Tensor:
+    """Inputs that never fired in the calibration data (``H_jj = 0``)."""
+    return torch.diagonal(H) == 0
 
 
 def _prepared(H: torch.Tensor) -> torch.Tensor:
@@ -76,22 +83,30 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, name: str = "") ->
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float, pattern: str = "unstructured",
                     blocksize: int = 128, percdamp: float = 0.01, name: str = "",
-                    hinv: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    hinv: tuple[torch.Tensor, float] | None = None,
+                    dead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Prune ``W`` [out, in] with the OBS updates of SparseGPT given ``H`` [in, in] (or ``hinv``,
-    :func:`inverse_cholesky` of it, shared by linears that read the same input).
+    :func:`inverse_cholesky` of it, and ``dead``, :func:`dead_inputs` of it, shared by linears that
+    read the same input).
 
     Returns the new weights (``W``'s dtype; pruned entries exactly zero, survivors updated),
-    the mask (True = pruned) and the damping fraction actually used."""
+    the mask (True = pruned, dead inputs included) and the damping fraction actually used."""
     nm = check_sparsity(sparsity, pattern)
     rows, cols = W.shape
     if nm is not None and (cols % nm[1] or blocksize % nm[1]):
         raise ValueError(f"{name}: pattern {pattern!r} needs in_features ({cols}) and blocksize ({blocksize}) "
                          f"divisible by {nm[1]}")
-    Hinv, pd = hinv if hinv is not None else inverse_cholesky(H, percdamp, name)
+    if hinv is None:
+        hinv = inverse_cholesky(H, percdamp, name)
+        dead = dead_inputs(H)
+    Hinv, pd = hinv
     Hinv = Hinv.to(W.device)
     dtype = W.dtype
     WT = W.detach().float().t().contiguous()  # [in, out]: column j of W is the contiguous row j here
     maskT = torch.zeros(cols, rows, dtype=torch.bool, device=W.device)
+    if dead is not None:
+        dead = dead.to(W.device)
+        WT[dead] = 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = WT[i1:i2].clone()
@@ -99,12 +114,12 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float, pa
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diagonal(Hinv1)[:, None]
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
         if nm is None:
-            k = int(i2 * sparsity) - int(i1 * sparsity)
-            if k > 0:
-                order = torch.argsort(W1 ** 2 / d1 ** 2, dim=0, stable=True)
-                mask1.scatter_(0, order[:k], True)
+            tmp = W1 ** 2 / d1 ** 2
+            thresh = torch.kthvalue(tmp.flatten(), int(tmp.numel() * sparsity) + 1).values
+            mask1 = tmp <= thresh
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 tmp = W1[i:i + nm[1]] ** 2 / d1[i:i + nm[1]] ** 2
@@ -117,5 +132,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float, pa
         WT[i1:i2] = Q1
         WT[i2:] -= Hinv[i1:i2, i2:].T @ Err1
         maskT[i1:i2] = mask1
+    if dead is not None:
+        maskT[dead] = True
     W, mask = WT.t().contiguous(), maskT.t().contiguous()
     return W.to(dtype), mask, pd

@@ -9,6 +9,7 @@ import torch
 from hsr_lib import steps
 from hsr_lib.models import load_from_params, load_model
 from hsr_lib.params import load_params
+from hsr_lib.prune import prune_mask
 from hsr_lib.runs import Run
 from conftest import LIB_OVERRIDES, TINY
 
@@ -76,9 +77,22 @@ def test_heads_table_counts_each_restored_weight_once(run_copy):
     assert any(len(h) == 2 for h in groups.values())  # the top 4 heads share a KV group somewhere
 
 
+def _check_rederived(run, res, dense):
+    """Reference mode: P re-derived from the dense U with the run's pattern in every module, saved;
+    the realigned mask is P \\ R everywhere; the model is the dense one with P \\ R zeroed."""
+    U = steps.scores.load(run).load("utility")
+    P, mask, R = res.base_mask(), res.mask(), _R(res, dense)
+    assert set(P) == set(mask) == set(U) == set(dense)
+    for k in U:
+        assert torch.equal(P[k], prune_mask(U[k].float(), run.params.pruning.sparsity, run.params.pruning.pattern)), k
+        assert torch.equal(mask[k], P[k] & ~R[k]) if k in R else torch.equal(mask[k], P[k]), k
+    real = _weights(res.build())
+    assert all(torch.equal(real[k], dense[k].masked_fill(mask[k], 0)) for k in dense)
+
+
 def test_reference_mode_counts_against_the_region_used(run_copy):
-    res = steps.realign.run(run_copy(fidelity="reference", **{"realign.region": "reference",
-                                                              "realign.base_mask": "rederived"}), progress=False)
+    run = run_copy(fidelity="reference", **{"realign.region": "reference", "realign.base_mask": "rederived"})
+    res = steps.realign.run(run, progress=False)
     s = res.summary
     heads, mods = res.heads(), res.modules()
     assert int(heads.total.sum()) == s["restored"] == int(mods.restored.sum())
@@ -92,11 +106,12 @@ def test_reference_mode_counts_against_the_region_used(run_copy):
     assert s["survivors_overwritten"] == sum(int((R[k] & ~actual[k]).sum()) for k in R)
     assert s["restored"] == s["newly_nonzero"] + s["survivors_overwritten"]
     assert s["survivors_changed"] == 0  # Wanda's survivors keep their dense values
+    _check_rederived(run, res, dense)
 
 
 def test_reference_mode_after_sparsegpt_counts_changed_survivors(run_copy):
     run = run_copy(fidelity="reference", **{"realign.region": "reference", "realign.base_mask": "rederived",
-                                            "pruning.method": "sparsegpt"})
+                                            "pruning.method": "sparsegpt", "pruning.pattern": "2:4"})
     res = steps.realign.run(run, progress=False)
     s = res.summary
     dense = _weights(load_from_params(run.params))
@@ -104,8 +119,8 @@ def test_reference_mode_after_sparsegpt_counts_changed_survivors(run_copy):
     survivors = {k: R[k] & ~actual[k] for k in R}
     changed = sum(int((pruned[k][survivors[k]] != dense[k][survivors[k]]).sum()) for k in R)
     assert s["survivors_overwritten"] > 0 and s["survivors_changed"] == changed > 0
-    real = _weights(res.build())
-    assert all(torch.equal(real[k][R[k]], dense[k][R[k]]) for k in R)  # dense values among OBS-updated ones
+    assert all((v.view(v.shape[0], -1, 4).sum(-1) == 2).all() for v in res.base_mask().values())  # P is 2:4
+    _check_rederived(run, res, dense)  # built as the released code builds it: dense weights, P \\ R zeroed
 
 
 def _fresh_run(tmp_path, name, seed):

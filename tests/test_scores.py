@@ -77,7 +77,7 @@ def brute_wanda_sparsegpt(lm, samples, percdamp=0.01):
         dead = torch.diagonal(h) == 0
         h[dead, dead] = 1
         h += percdamp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-        sgpt[name] = W ** 2 / torch.diagonal(torch.linalg.inv(h))[None, :] ** 2
+        sgpt[name] = W.masked_fill(dead[None, :], 0) ** 2 / torch.diagonal(torch.linalg.inv(h))[None, :]
     return wanda, sgpt
 
 
@@ -156,9 +156,9 @@ def test_input_stats_share_one_computation_for_the_same_tensor():
 def test_score_formulas_on_a_single_linear():
     W = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
     assert torch.allclose(wanda_score(W, torch.tensor([4.0, 9.0])), torch.tensor([[2.0, 6.0], [6.0, 1.5]]))
-    H = torch.tensor([[2.0, 0.0], [0.0, 0.0]])  # input 1 is dead: H_11 -> 1; damping 0.01 · mean(2, 1)
+    H = torch.tensor([[2.0, 0.0], [0.0, 0.0]])  # input 1 is dead: H_11 -> 1, its weights -> 0; damping 0.01 · mean(2, 1)
     d = 0.015
-    want = W ** 2 / torch.tensor([1 / (2 + d), 1 / (1 + d)]) ** 2
+    want = torch.tensor([[1.0, 0.0], [9.0, 0.0]]) / torch.tensor([1 / (2 + d), 1 / (1 + d)])
     assert torch.allclose(sparsegpt_score(W, H), want)
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from ..adapters import ATTN_PARTS, Geometry
-from ..io import atomic_write_json, atomic_write_text
-from ..masks import atomic_save_safetensors, load_masks, rewrite_masks
+from ..io import atomic_write_json, atomic_write_text, read_json
+from ..masks import atomic_save_safetensors, load_masks, pack, rewrite_masks, save_packed
 from ..models import LoadedModel, load_from_params, save_model_dir
 from ..params import Params
 from ..realign import candidate_sets, head_region, module_kind, random_heads, rederived_mask, restore_set
@@ -67,13 +67,25 @@ class RealignResult(Result):
 
         return pd.read_csv(self.dir / "heads.csv")
 
+    def base_mask(self, keys=None) -> dict[str, torch.Tensor]:
+        """P, the base mask R was taken from (True = pruned): the re-derived mask in ``reference``
+        mode (``base_mask.safetensors``), the pruning mask otherwise."""
+        path = self.dir / "base_mask.safetensors"
+        return load_masks(path, keys) if path.exists() else self.pruned.mask(keys)
+
     @torch.no_grad()
     def build(self, lm: LoadedModel | None = None) -> LoadedModel:
-        """The realigned model: the pruned model rebuilt from the dense checkpoint (``lm``, if given,
-        must hold the dense weights; it is modified), then R set back to its dense values."""
-        restored = self.restored()
+        """The realigned model, from the dense checkpoint (``lm``, if given, must hold the dense
+        weights; it is modified). ``base_mask: actual``: the pruned model rebuilt, then R set back
+        to its dense values. ``base_mask: rederived`` (the released code): the dense weights with
+        the realigned mask ``P \\ R`` zeroed, in every module."""
         lm = lm or load_from_params(self.pruned.params)
         lins = lm.prunable_linears()
+        if self.summary.get("built_from") == "dense":
+            for name, mask in self.mask().items():
+                lins[name].weight.masked_fill_(mask.to(lins[name].weight.device), 0)
+            return lm
+        restored = self.restored()
         dense = {name: lins[name].weight.view(-1)[idx].clone() for name, idx in restored.items()}
         self.pruned.build(lm)
         for name, idx in restored.items():
@@ -131,7 +143,7 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> Realig
     with run.step(s) as d:
         _realign(run, adapter, config, geo, heads, d)
         if P.realign.save_model:
-            res = RealignResult(d, s.key, {}, prune.load(run))
+            res = RealignResult(d, s.key, read_json(d / "summary.json"), prune.load(run))
             save_model_dir(res.build(), d / "model")
     return load(run)
 
@@ -162,31 +174,47 @@ def _attribute(rows: list[dict], layer: int, kind: str, Rset: torch.Tensor, geo:
 
 
 def _realign(run: Run, adapter, config, geo: Geometry, heads: list[Head], d: Path) -> None:
-    """The body of the step: R per module, then the artifacts in ``d``."""
+    """The body of the step: R per module, then the artifacts in ``d``.
+
+    ``base_mask: actual``: P is the pruning mask and the realigned mask is ``P \\ R`` in the
+    modules that restore (the others are copied still packed). ``base_mask: rederived`` (the
+    released code): P is re-derived from the dense utility scores with the run's sparsity and
+    pattern in *every* prunable module, saved as ``base_mask.safetensors``, and the realigned mask
+    is ``P \\ R`` everywhere."""
     P, R = run.params, run.params.realign
     pruned, sc = prune.load(run), scores.load(run)
+    rederive = R.base_mask == "rederived"
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, h in heads:
         by_layer[layer].append(h)
-    total_params = sum(math.prod(shape) for shape in pruned.shapes().values())
+    shapes = pruned.shapes()
+    total_params = sum(math.prod(shape) for shape in shapes.values())
     sparsegpt_weights = pruned.summary.get("weights_file", False)
     realigned: dict[str, torch.Tensor] = {}  # only the modules that change; the rest are copied packed
+    base_packed: dict[str, torch.Tensor] = {}  # rederived mode: P of every module, packed
     restored: dict[str, torch.Tensor] = {}
     overwritten: dict[str, torch.Tensor] = {}  # R \ actual: survivors set back to dense values
     rows, unit_rows = [], []
     for name in adapter.prunable_names(config):
         layer, kind = int(name.split(".")[1]), module_kind(name)
-        if layer not in by_layer or kind not in ATTN_PARTS:
+        restoring = layer in by_layer and kind in ATTN_PARTS
+        if not (restoring or rederive):
+            continue
+        U = sc.load("utility", keys=[name])[name].float()
+        base = rederived_mask(U, P.pruning.sparsity, P.pruning.pattern) if rederive else None
+        if rederive:
+            base_packed[name] = pack(base)
+        if not restoring:
+            realigned[name] = pack(base)
             continue
         actual = pruned.mask([name])[name]
+        base = actual if base is None else base
         S = sc.load("safety", keys=[name])[name].float()
-        U = sc.load("utility", keys=[name])[name].float()
-        base = actual if R.base_mask == "actual" else rederived_mask(U, P.pruning.sparsity)
         region = head_region(kind, tuple(S.shape), geo, by_layer[layer], R.region)
         safety, band = candidate_sets(S, U, R.p, R.q, R.p_max)  # the three selections, once
         F = safety & band
         Rset = restore_set(base, S, U, region, R.variant, R.p, R.q, R.p_max, F=F)
-        realigned[name] = actual & ~Rset
+        realigned[name] = pack(base & ~Rset)
         if Rset.any():
             restored[name] = torch.nonzero(Rset.reshape(-1)).squeeze(1)
         if (Rset & ~actual).any():
@@ -200,7 +228,12 @@ def _realign(run: Run, adapter, config, geo: Geometry, heads: list[Head], d: Pat
     newly = sum(r["newly_nonzero"] for r in rows)
     meta = {"variant": R.variant, "fidelity": P.fidelity, "region": R.region, "base_mask": R.base_mask,
             "model": P.model.name}
-    rewrite_masks(pruned.mask_path, d / "mask.safetensors", realigned, {**meta, "true_means": "pruned"})
+    if rederive:
+        save_packed(d / "base_mask.safetensors", base_packed, shapes,
+                    {**meta, "true_means": "pruned", "pattern": P.pruning.pattern, "sparsity": str(P.pruning.sparsity)})
+        save_packed(d / "mask.safetensors", realigned, shapes, {**meta, "true_means": "pruned"})
+    else:
+        rewrite_masks(pruned.mask_path, d / "mask.safetensors", realigned, {**meta, "true_means": "pruned"})
     atomic_save_safetensors(d / "restored.safetensors", restored or {"_none": torch.zeros(0, dtype=torch.long)}, meta)
     _write_csv(d / "modules.csv", rows)
     _write_csv(d / "heads.csv", _units_table(unit_rows))
@@ -212,7 +245,8 @@ def _realign(run: Run, adapter, config, geo: Geometry, heads: list[Head], d: Pat
                "decoder_linear_params": total_params,
                "restored_ratio_permyriad": n_restored / total_params * 1e4,
                "newly_nonzero_ratio_permyriad": newly / total_params * 1e4,
-               "pruning_method": P.pruning.method, "sparsity": P.pruning.sparsity, "prune_key": pruned.key}
+               "pruning_method": P.pruning.method, "sparsity": P.pruning.sparsity, "pattern": P.pruning.pattern,
+               "prune_key": pruned.key, "built_from": "dense" if rederive else "pruned"}
     atomic_write_json(d / "summary.json", summary)
 
 

@@ -2,8 +2,9 @@
 the dense model, on the safety set (S) and on the utility set (U) (docs/method.md).
 
 Each method is its own keyed folder, ``scores/<method>-<hash>/`` with ``safety.safetensors``,
-``utility.safetensors`` (one tensor per module, key ``layers.{i}.{module}``) and
-``summary.json``; so adding a method to ``scores.methods`` computes only that method. The
+``utility.safetensors`` (one tensor per module, key ``layers.{i}.{module}``),
+``tokens_safety.jsonl`` / ``tokens_utility.jsonl`` (per sample: the token ids, the response span
+``[start, end)`` and the image geometry, as encoded) and ``summary.json``; so adding a method to ``scores.methods`` computes only that method. The
 methods still missing are computed together (one calibration pass per set serves them all).
 """
 
@@ -18,10 +19,11 @@ from typing import Sequence
 import torch
 
 from ..calibration import load_for_calibration
-from ..io import atomic_write_json
+from ..io import atomic_write_json, atomic_write_jsonl
 from ..masks import atomic_save_safetensors
 from ..models import DTYPES
 from ..params import Params
+from ..prompts import encode_calibration, token_record
 from ..runs import Run, Spec
 from ..scores import METHODS, check_method, compute_scores, score_methods
 from . import data
@@ -106,8 +108,11 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> Scores
             res = compute_scores(lm, samples, todo, P.fidelity, P.scores.batch_size, P.pruning.percdamp,
                                  P.scores.offload_layers, progress, DTYPES[P.scores.save_dtype], desc=which)
             meta = {"set": which, "fidelity": P.fidelity, "model": P.model.name, "n_samples": str(len(samples))}
+            tokens = [token_record(c.id, c.inputs, start=c.start, end=c.end)
+                      for c in (encode_calibration(lm.processor, x, P.fidelity, lm.adapter) for x in samples)]
             for m, sc in res.items():
                 atomic_save_safetensors(outs[m] / f"{which}.safetensors", sc, {**meta, "method": m})
+                atomic_write_jsonl(outs[m] / f"tokens_{which}.jsonl", tokens)
             info[which] = {"n_samples": len(samples), "ids": [x.id for x in samples],
                            "wall_s": round(time.perf_counter() - t0, 3), "methods_computed_together": todo}
         for m in todo:

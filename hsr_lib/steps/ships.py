@@ -3,6 +3,7 @@ layer as it finishes (a killed run resumes there), and write, in ``ships/<key>/`
 
 ``head_scores_<score>.json``  each of the three scores in the authors' one-line format
 ``head_scores.csv``           layer, head, and all three scores with their ranks
+``prompts.jsonl``             per prompt: token ids, the scored (last) position, image geometry
 ``summary.json``              prompts, totals per score, ablation settings
 
 All three scores are stored, so choosing another ``ships.score`` recomputes nothing; which heads
@@ -14,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_json, atomic_write_text, read_json
+from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
 from ..models import load_model
 from ..params import Params
-from ..prompts import encode_prompt
+from ..prompts import encode_prompt, token_record
 from ..runs import Run, Spec
 from ..ships import SCORES, Head, dumps_authors, ordered, ranks, select_heads, table
 from ..ships_engine import AblationConfig, LayerScores, ships_engine
@@ -98,6 +99,8 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> ShipsR
             atomic_write_json(layer_dir / f"layer_{layer:03d}.json",
                               {"layer": layer, "fingerprint": s.fingerprint, "scores": scores})
 
+        atomic_write_jsonl(out / "prompts.jsonl", [token_record(x.id, enc, last=int(enc["input_ids"].shape[1]) - 1)
+                                                   for x, enc in zip(samples, prompts)])
         scores = ships_engine(lm, prompts, AblationConfig.from_params(P), P.ships.batch_heads, done, save, progress)
         scores = {k: ordered(scores[k]) for k in SCORES}
         for k in SCORES:

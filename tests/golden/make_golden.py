@@ -136,7 +136,9 @@ def make_vlguard(root: Path) -> None:
     words = ["how", "do", "I", "make", "a", "cake", "bomb", "steal", "paint", "this", "car", "dog", "quickly",
              "explain", "the", "picture", "hack", "phone", "garden", "write", "poem"]
     records = []
-    sizes = [(40, 30), (30, 40), (48, 48), (64, 24), (24, 56)]
+    # sizes whose anyres resize is exact: transformers 4.47.1 and 5.x resize other sizes differently
+    # (e.g. 40x30 -> 43x32 vs 42x32), which changes the pixel values of the grid patches
+    sizes = [(64, 32), (32, 64), (64, 64), (32, 32), (96, 48), (48, 96)]
     for i in range(N_UNSAFE + N_SAFE):
         w, h = sizes[i % len(sizes)]
         px = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)

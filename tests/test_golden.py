@@ -191,3 +191,22 @@ def test_the_tie_check_tells_ties_from_real_differences():
     assert_ties(ours, theirs, scores, 4, "tie")
     with pytest.raises(AssertionError, match="not a tie"):
         assert_ties(ours, torch.tensor([[False, True, True, False]]), scores, 4, "no tie")  # 1.0 vs 2.0
+
+
+def test_a_reference_file_runs_on_a_local_checkpoint_and_vlguard_folder(tmp_path):
+    """The README's recipe: a reference params file with the model and the VLGuard folder pointed
+    at local copies (here the small fixture set, hence ``all`` samples and 4 of its 8 heads)."""
+    from hsr_lib import steps
+    from hsr_lib.params import load_params
+    from hsr_lib.runs import Run
+
+    P = load_params(ROOT / "params" / "reference_llava_next_vicuna_7b.yaml",
+                    {"model.name": str(GOLDEN / "mha" / "model"), "data.vlguard_root": str(GOLDEN / "vlguard"),
+                     "runs_dir": str(tmp_path), "data.n_ships": "all", "data.n_scores": "all", "realign.top_h": 4})
+    assert (P.fidelity, P.model.dtype, P.ships.dtype) == ("reference", "float16", "float32")
+    run = Run.open(P, base=ROOT)
+    res = steps.realign.run(run, progress=False)
+    assert steps.ships.load(run).summary["dtype"] == "float32"
+    assert res.summary["fidelity"] == "reference" and res.summary["built_from"] == "dense"
+    assert res.summary["restored"] > 0 and (res.dir / "base_mask.safetensors").is_file()
+    assert len(read_jsonl(steps.scores.load(run).dir / "tokens_utility.jsonl")) == 20

@@ -111,7 +111,7 @@ PATCHES = [
 ]
 
 # The snapshot has the Vicuna loader only. The Llama-3 loader of the released runs differs in two
-# places (DESIGN of the package, §4): the text is tokenized with add_special_tokens=False, and the
+# places (docs/fidelity.md): the text is tokenized with add_special_tokens=False, and the
 # labelled span is shifted one to the left (the last prompt position kept, the final one dropped).
 LLAMA3_LOADER = [
     ("input_ids = processor(text=text_prompt, images=image, return_tensors=\"pt\", padding=True)",

@@ -33,7 +33,6 @@ import contextlib
 import importlib
 import io
 import json
-import os
 import pickle
 import shutil
 import subprocess

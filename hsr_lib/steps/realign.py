@@ -205,7 +205,7 @@ def _realign(run: Run, adapter, config, geo: Geometry, heads: list[Head], d: Pat
         if rederive:
             base_packed[name] = pack(base)
         if not restoring:
-            realigned[name] = pack(base)
+            realigned[name] = base_packed[name]  # nothing restored here: P \ R = P
             continue
         actual = pruned.mask([name])[name]
         base = actual if base is None else base

@@ -31,7 +31,7 @@ SAMPLES: dict[str, tuple[str, str, str]] = {
     "scores_utility": ("utility", "n_scores", "seed_scores"),
 }
 SYNTHETIC_SEED = 0
-TOY_WORLD_VERSION = 1  # bump when hsr_lib.toy_world changes what it generates
+TOY_WORLD_VERSION = 2  # bump when hsr_lib.toy_world changes what it generates
 
 
 @dataclass

@@ -98,10 +98,12 @@ def _encode(processor, ex: W.Example) -> dict:
     """One training conversation: token ids, the first response position, image patches and grid."""
     from .prompts import conversation_text, prompt_text
 
-    full = processor(text=[conversation_text(processor, ex.question, ex.answer)], images=[[ex.image]],
-                     return_tensors="pt")
-    n_prompt = len(processor(text=[prompt_text(processor, ex.question)], images=[[ex.image]],
-                             return_tensors="pt")["input_ids"][0])
+    text, prompt = conversation_text(processor, ex.question, ex.answer), prompt_text(processor, ex.question)
+    full = processor(text=[text], images=[[ex.image]], return_tensors="pt")
+    if not text.startswith(prompt):
+        raise ValueError(f"the toy's chat template: the conversation does not start with its prompt ({ex.id})")
+    # the word-level tokenizer splits on whitespace: the response is the tokens of the text after the prompt
+    n_prompt = len(full["input_ids"][0]) - len(processor.tokenizer(text[len(prompt):], add_special_tokens=False)["input_ids"])
     return {"ids": full["input_ids"][0], "mm": full["mm_token_type_ids"][0], "start": n_prompt,
             "pixels": full["pixel_values"], "grid": full["image_grid_thw"]}
 
@@ -131,7 +133,7 @@ def train(recipe: Recipe = Recipe(), out: str | os.PathLike | None = None, progr
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         processor = make_processor()
         data = [_encode(processor, ex) for ex in W.train_set(recipe.seed, recipe.n_benign, recipe.n_harmful,
                                                               recipe.n_unsafe)]
@@ -163,6 +165,7 @@ def train(recipe: Recipe = Recipe(), out: str | os.PathLike | None = None, progr
             losses.append(float(loss.detach()))
         model.eval()
         card = {"recipe": asdict(recipe), "train_s": round(time.perf_counter() - t0, 1),
+                "train_cpu_s": round(time.process_time() - c0, 1),  # one thread: the time on one free core
                 "final_loss": sum(losses[-20:]) / 20, "parameters": sum(p.numel() for p in model.parameters()),
                 "torch": torch.__version__}
     finally:
@@ -183,6 +186,22 @@ def save(model, processor, card: dict, out: str | os.PathLike) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def ship(seed: int) -> dict:
+    """Make seed ``seed`` of the recipe the shipped checkpoint: the cached one when it was trained
+    with this very recipe, else trained now; returns its card (the numbers are added by the caller)."""
+    recipe = Recipe(seed=seed)
+    cached = cache_dir() / f"qwen2_vl-s{seed}"
+    card_path = cached / "toy_card.json"
+    if card_path.is_file() and json.loads(card_path.read_text()).get("recipe") == json.loads(json.dumps(asdict(recipe))):
+        tmp = SHIPPED.with_name(f".{SHIPPED.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(cached, tmp)
+        shutil.rmtree(SHIPPED, ignore_errors=True)
+        os.replace(tmp, SHIPPED)
+        return json.loads(card_path.read_text())
+    return train(recipe, SHIPPED)[2]
 
 
 def cache_dir() -> Path:

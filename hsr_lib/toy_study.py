@@ -103,31 +103,40 @@ def run_toy(model: str = "toy:qwen2_vl", runs_dir: str | Path | None = None, pro
     return run, table, summary
 
 
-def seed_row(seed: int, runs_dir: str | Path, world: str = "test") -> dict:
-    """Train (or reuse) seed ``seed`` and run its pipeline (on the test set or the development
-    world): one row of the seed table."""
+def seed_rows(seed: int, runs_dir: str | Path, worlds: Sequence[str] = ("test",)) -> list[dict]:
+    """Train (or reuse) seed ``seed`` and run its pipeline, evaluated on each of ``worlds`` (the
+    frozen test set, the development world; the steps before the evaluation are shared): one row
+    of the seed table per world."""
     from .toy_model import cache_dir, checkpoint
 
     cached = (cache_dir() / f"qwen2_vl-s{seed}" / "config.json").is_file()
     t0 = time.perf_counter()
     checkpoint(f"toy:qwen2_vl-s{seed}")
     train_s = None if cached else time.perf_counter() - t0  # not trained here: no time to report
-    _, table, summary = run_toy(f"toy:qwen2_vl-s{seed}", runs_dir, world=world, run_name=f"toy-s{seed}")
-    t = table.set_index("variant")
-    row = {"seed": seed, "world": world, "train_s": None if train_s is None else round(train_s, 1)}
-    for v in ("dense", "pruned", "hsr", "hsr_a", "random_heads"):
-        if v in t.index:
-            row[f"asr_{v}"] = round(t.loc[v, "asr"], 2)
-            row[f"novel_{v}"] = round(t.loc[v, "asr_harmful_novel"], 2)
-            row[f"benign_{v}"] = round(t.loc[v, "benign_accuracy"], 2)
-    row.update({k: (None if v is None else round(v, 2)) for k, v in summary.items() if k.startswith("rsr_")})
-    row["restored_permyriad"] = round(summary["restored_ratio_permyriad"], 2)
-    row["hsr_beats_random"] = bool(t.loc["hsr", "asr"] < t.loc["random_heads", "asr"]) if "random_heads" in t.index \
-        else None
-    dense_refusal = summary["over_refusal_by_phrasing"].get("dense", {})
-    row["over_refusal_dense_max"] = round(max(dense_refusal.values()), 2) if dense_refusal else None
-    row["meets_all"] = meets_all(row)
-    return row
+    rows = []
+    for world in worlds:
+        _, table, summary = run_toy(f"toy:qwen2_vl-s{seed}", runs_dir, world=world, run_name=f"toy-s{seed}")
+        t = table.set_index("variant")
+        row = {"seed": seed, "world": world, "train_s": None if train_s is None else round(train_s, 1)}
+        for v in ("dense", "pruned", "hsr", "hsr_a", "random_heads"):
+            if v in t.index:
+                row[f"asr_{v}"] = round(t.loc[v, "asr"], 2)
+                row[f"novel_{v}"] = round(t.loc[v, "asr_harmful_novel"], 2)
+                row[f"benign_{v}"] = round(t.loc[v, "benign_accuracy"], 2)
+        row.update({k: (None if v is None else round(v, 2)) for k, v in summary.items() if k.startswith("rsr_")})
+        row["restored_permyriad"] = round(summary["restored_ratio_permyriad"], 2)
+        row["hsr_beats_random"] = bool(t.loc["hsr", "asr"] < t.loc["random_heads", "asr"]) \
+            if "random_heads" in t.index else None
+        dense_refusal = summary["over_refusal_by_phrasing"].get("dense", {})
+        row["over_refusal_dense_max"] = round(max(dense_refusal.values()), 2) if dense_refusal else None
+        row["meets_all"] = meets_all(row)
+        rows.append(row)
+    return rows
+
+
+def seed_row(seed: int, runs_dir: str | Path, world: str = "test") -> dict:
+    """One row of the seed table: seed ``seed`` on one world (:func:`seed_rows`)."""
+    return seed_rows(seed, runs_dir, (world,))[0]
 
 
 def meets_all(row: dict) -> bool:
@@ -162,17 +171,22 @@ def choose_seed(table: pd.DataFrame) -> int | None:
 
 
 def seed_table(seeds: Sequence[int], runs_dir: str | Path, out: str | Path | None = None,
-               workers: int = 1, world: str = "test") -> pd.DataFrame:
-    """The seed table: one row per training seed (``workers`` processes, one thread each)."""
+               workers: int = 1, worlds: Sequence[str] = ("test",)) -> pd.DataFrame:
+    """The seed table: one row per training seed and world (``workers`` processes, one thread
+    each); ``out`` gets the test-set rows, ``<out stem>_dev.csv`` beside it the development world's."""
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers) as pool:
-            rows = list(pool.map(seed_row, seeds, [runs_dir] * len(seeds), [world] * len(seeds)))
+            rows = [r for rs in pool.map(seed_rows, seeds, [runs_dir] * len(seeds), [tuple(worlds)] * len(seeds))
+                    for r in rs]
     else:
-        rows = [seed_row(s, runs_dir, world) for s in seeds]
+        rows = [r for s in seeds for r in seed_rows(s, runs_dir, worlds)]
     table = pd.DataFrame(rows)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out, index=False)
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for world, path in (("test", out), ("dev", out.with_name(f"{out.stem}_dev{out.suffix}"))):
+            if world in set(table.world):
+                table[table.world == world].to_csv(path, index=False)
     return table

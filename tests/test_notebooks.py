@@ -144,7 +144,7 @@ def test_evaluate_notebook(tiny_run):
     run_dir, _ = tiny_run
     rec = records(tiny_run, "06_evaluate")
     assert rec["variants_evaluated"] == ["dense", "pruned", "hsr", "hsr_a", "random_heads"]
-    assert rec["n_responses"] == 5 * 6 * 4  # variants × benchmarks × n_items
+    assert rec["n_responses"] == 5 * 7 * 4  # variants × benchmarks × n_items
     rows = {r["variant"]: r for r in rec["results_table"]}
     real = records(tiny_run, "05_realign")
     assert rows["hsr"]["restored_ratio_permyriad"] == pytest.approx(real["restored_ratio_permyriad"])

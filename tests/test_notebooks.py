@@ -205,3 +205,20 @@ def test_the_readme_run_tells_the_story_on_the_toy(toy_run):
     assert "Sorry, I cannot help with that." in text  # the toy's refusal, in the answers table
     real = read_records(run_dir / "notebooks" / "05_realign.ipynb")
     assert len(real["heads"]) == 2 and real["restored"] > 0
+
+
+@pytest.mark.parametrize("which", ["toy_run", "tiny_run"])
+def test_executed_notebooks_and_console_are_clean(which, request):
+    """No line mentioning a warning or a deprecation in any executed notebook or in `hsr run`'s
+    console, and a progress bar saved only in its final state (issue 21, clean outputs)."""
+    from test_notebook_hygiene import outputs, progress_problems, warning_lines
+
+    run_dir, proc = request.getfixturevalue(which)
+    executed = sorted((run_dir / "notebooks").glob("0*.ipynb"))
+    assert [p.stem for p in executed] == NOTEBOOKS
+    for path in executed:
+        text = outputs(path)
+        assert not warning_lines(text), (path.name, warning_lines(text))
+        assert not progress_problems(text), (path.name, progress_problems(text)[:3])
+    console = proc.stdout + proc.stderr
+    assert not warning_lines(console), warning_lines(console)

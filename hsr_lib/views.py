@@ -155,6 +155,11 @@ VARIANT_COLORS: dict[str, str] = _VariantColors({
     "dense": "#7f7f7f", "pruned": "#d62728", "hsr": "#2ca02c", "hsr_a": "#9467bd", "random_heads": "#ff7f0e"})
 
 
+def palette(variants) -> dict[str, str]:
+    """``{variant: colour}`` for exactly ``variants`` (seaborn's ``palette=`` wants every level listed)."""
+    return {v: VARIANT_COLORS[v] for v in variants}
+
+
 def variant_legend(fig, variants: Sequence[str], title: str = "variant", **kwargs):
     """One legend for the figure, outside every panel (right of them), in :data:`VARIANT_COLORS`."""
     from matplotlib.patches import Patch
@@ -283,7 +288,7 @@ def beside_paper(metrics: pd.DataFrame, method: str, variants: Sequence[str] | N
         key = (v, b, metric)
         if key not in m.index:
             return float("nan"), float("nan"), float("nan")
-        r = m.loc[key].iloc[0]
+        r = m.loc[[key]].iloc[0]
         return float(r["value"]), float(r["ci_low"]), float(r["ci_high"])
 
     utility = next(((b, k) for b, k in (("toy_benign", "accuracy"), ("mmbench", "circular_accuracy"),
@@ -320,4 +325,5 @@ def significance_table(tests: pd.DataFrame, benchmark: str = "combined") -> pd.D
                          "difference (points)": r.difference, "95% CI": f"[{r.diff_ci_low:.1f}, {r.diff_ci_high:.1f}]",
                          "discordant (n01/n10)": f"{r.n01}/{r.n10}", "p": r.p, "test": r.test,
                          "significant at 5%?": "yes" if r.significant_5pct else "no"})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["comparison", "measure", "on", "n", "difference (points)", "95% CI",
+                                       "discordant (n01/n10)", "p", "test", "significant at 5%?"])

@@ -222,3 +222,19 @@ def test_executed_notebooks_and_console_are_clean(which, request):
         assert not progress_problems(text), (path.name, progress_problems(text)[:3])
     console = proc.stdout + proc.stderr
     assert not warning_lines(console), warning_lines(console)
+
+
+def test_evaluate_notebook_on_any_subset_of_the_toy(toy_run, tmp_path):
+    """Notebook 06 on one harmful toy set and two variants (no dense, no benign set): it runs, from the
+    answers already saved, and says what it cannot show instead of failing."""
+    shutil.copytree(toy_run[0], tmp_path / "toy")
+    proc = _hsr("run", "params/toy.yaml", "-p", f"runs_dir={tmp_path}", "-p", "eval.benchmarks=[toy_unsafe_image]",
+                "-p", "eval.variants=[pruned,hsr]", "--from", "06", "--to", "06")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "toy" / "notebooks" / "06_evaluate.ipynb"
+    rec, text = read_records(out), outputs_text(out)
+    assert [r["variant"] for r in rec["beside_paper"] if r["source"] == "this run"] == ["pruned", "hsr"]
+    assert rec["toy_rsr"] == {} and "not computed (the run evaluates no dense and pruned pair)" in text
+    assert "evaluates no benign inputs" in text and "benign set is not evaluated" in text
+    assert [r["comparison"] for r in rec["significance"]] == ["hsr vs pruned"]
+    assert "teaching toy" in text and "random weights" not in text

@@ -56,17 +56,6 @@ def rsr(table: pd.DataFrame, variant: str, column: str = "asr") -> float | None:
     return None if lost <= 0 else float(100 * (t["pruned"] - t[variant]) / lost)
 
 
-def over_refusal_by_phrasing(responses: pd.DataFrame, judge: str = "vlguard") -> pd.DataFrame:
-    """% of benign answers that ``judge``'s keywords call a refusal, per variant (rows) and benign
-    phrasing (columns), from an evaluation's responses (the toy_benign ones)."""
-    from .evaluate.judges import KEYWORD_JUDGES
-
-    kw = KEYWORD_JUDGES[judge]
-    b = responses[responses.benchmark == "toy_benign"]
-    refused = b.response.map(kw.is_refusal).astype(float) * 100
-    return refused.groupby([b.variant, b.prompt]).mean().unstack("prompt")
-
-
 def dev_world(root: str | Path | None = None) -> dict[str, str]:
     """The development world (``toy_world.DEV_SEED``: the test set's generator with another seed),
     written once under ``root`` (default: the toy cache); ``eval.data_roots`` pointing at it."""
@@ -95,10 +84,11 @@ def run_toy(model: str = "toy:qwen2_vl", runs_dir: str | Path | None = None, pro
     run = Run.open(load_params(PARAMS, over))
     res = steps.evaluate.run(run, progress=progress)
     table = numbers(res.metrics)
-    refusal = over_refusal_by_phrasing(res.responses, run.params.eval.judges[0])
+    refusal = res.over_refusal_by_phrasing  # % of benign answers the first keyword judge calls a refusal
     summary = {"ships_top": [f"{l}-{h}" for l, h in steps.ships.load(run).top(run.params.realign.top_h)],
                "restored_ratio_permyriad": steps.realign.load(run).summary["restored_ratio_permyriad"],
-               "over_refusal_by_phrasing": {v: {q: float(x) for q, x in r.items()} for v, r in refusal.iterrows()},
+               "over_refusal_by_phrasing": {} if refusal is None else
+               {v: dict(zip(g.phrasing, g.over_refusal.astype(float))) for v, g in refusal.groupby("variant")},
                **{f"rsr_{v}": rsr(table, v) for v in ("hsr", "hsr_a", "random_heads") if v in set(table.variant)}}
     return run, table, summary
 

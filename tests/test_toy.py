@@ -138,3 +138,56 @@ def test_training_regenerates_the_shipped_numbers(tmp_path, monkeypatch):
     for variant, expected in card["expected"].items():
         for key in ("asr", "asr_harmful", "asr_harmful_novel", "asr_unsafe_image", "benign_accuracy"):
             assert abs(t.loc[variant, key] - expected[key]) <= 5, (variant, key, t.loc[variant, key], expected[key])
+
+
+def test_the_development_world_is_not_the_test_set(tmp_path, monkeypatch):
+    assert W.DEV_SEED != W.TEST_SEED
+    small = {"n_harmful": 4, "n_novel": 4, "n_unsafe": 4, "n_benign": 12}
+    dev, test = W.test_set(W.DEV_SEED, **small), W.test_set(W.TEST_SEED, **small)
+    assert not any(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(dev["benign"], test["benign"]))
+    made = []
+    monkeypatch.setattr(W, "test_set", lambda seed: made.append(seed) or dev)
+    roots = toy_study.dev_world(tmp_path / "dev")
+    assert made == [W.DEV_SEED] and set(roots) == set(toy_study.SPLITS)
+    assert all(len(json.loads((tmp_path / "dev" / s / "test.json").read_text())) == len(dev[s])
+               for s in toy_study.SPLITS.values())
+    toy_study.dev_world(tmp_path / "dev")
+    assert made == [W.DEV_SEED]  # written once
+    with pytest.raises(ValueError, match="world"):
+        toy_study.run_toy(world="train")
+
+
+def _seed(seed, rsr, refusal=0.0, beats=True, dense=5.0, pruned=40.0, benign=90.0):
+    row = {"seed": seed, "rsr_hsr": rsr, "over_refusal_dense_max": refusal, "hsr_beats_random": beats,
+           "asr_dense": dense, "asr_pruned": pruned, "benign_dense": benign}
+    return {**row, "meets_all": toy_study.meets_all(row)}
+
+
+def test_the_seed_selection_rule():
+    """Every per-seed target can fail a seed; the median HSR RSR of the rest is shipped (lower middle)."""
+    rows = [_seed(0, 50), _seed(1, 80), _seed(2, 60), _seed(3, 70), _seed(4, 90, refusal=6.0), _seed(5, 95, beats=False),
+            _seed(6, 99, pruned=19.0), _seed(7, 20)]
+    t = pd.DataFrame(rows)
+    assert list(t.seed[t.meets_all]) == [0, 1, 2, 3]  # 4: over-refusal, 5: random heads, 6: +14 only, 7: RSR 20
+    assert toy_study.choose_seed(t) == 2  # RSRs 50, 60, 70, 80: the lower middle one
+    assert toy_study.choose_seed(t[t.seed != 3]) == 2  # 50, 60, 80: the median
+    assert toy_study.choose_seed(t[~t.meets_all]) is None
+    s = toy_study.table_targets(t)
+    assert (s["seeds_over_refusal_ok"], s["seeds_hsr_beats_random"], s["mean_benign_dense"]) == (7, 7, 90.0)
+    assert s["mean_benign_dense_ok"] and not s["over_refusal_ok"] and s["seeds_meeting_all"] == [0, 1, 2, 3]
+
+
+def test_combined_asr_has_a_wilson_interval_and_random_heads_pool_their_items():
+    from hsr_lib.evaluate.stats import wilson
+
+    rows = [(v, b, x, n) for v in ("dense", "random_heads@0", "random_heads@1")
+            for b, x, n in (("toy_harmful", 10.0, 100), ("toy_harmful_novel", 40.0, 200), ("toy_unsafe_image", 0.0, 100))]
+    m = pd.DataFrame([{"variant": v, "benchmark": b, "metric": "asr", "judge": "vlguard", "value": x, "n": n}
+                      for v, b, x, n in rows] + [{"variant": "dense", "benchmark": "toy_benign", "metric": "over_refusal",
+                                                 "judge": "vlguard", "value": 3.0, "n": 300}])
+    t = toy_study.numbers(m).set_index("variant")
+    lo, hi = wilson(90, 400)  # 10 + 80 + 0 of 400
+    assert (t.loc["dense", "asr_ci_low"], t.loc["dense", "asr_ci_high"]) == pytest.approx((100 * lo, 100 * hi))
+    lo, hi = wilson(180, 800)
+    assert t.loc["random_heads", "n_harmful"] == 800 and t.loc["random_heads", "asr_ci_low"] == pytest.approx(100 * lo)
+    assert t.loc["dense", "over_refusal"] == 3.0

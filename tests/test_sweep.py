@@ -109,7 +109,7 @@ def test_notebook_07_works_on_a_sweep_without_the_toy_benchmarks(swept):
     rec = read_records(out)
     assert rec["n_points"] == 4 and rec["models"] == ["tiny:qwen2_5_vl"] and rec["has_toy_benchmarks"] is False
     assert len(rec["ships_agreement"]) == 1 and "sparsity_asr" not in rec and "q_sweep" not in rec
-    assert outputs_text(out).count("needs the toy's benchmarks") == 5
+    assert outputs_text(out).count("needs the toy's benchmarks") == 6
 
 
 @pytest.mark.slow

@@ -46,17 +46,17 @@ class Recipe:
     the response only, one thread."""
 
     seed: int = 0
-    steps: int = 600
+    steps: int = 1000  # 600 left circle and square confused (dense benign accuracy 57%)
     batch: int = 32
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 1.0
+    weight_decay: float = 0.1  # 1.0 kept fewer of the features that tell a circle from a square
     warmup: int = 30
     clip: float = 1.0
     kv_heads: int = 2  # 2: grouped-query attention (the shipped toy); 4: multi-head attention
-    n_benign: int = 2000
-    n_harmful: int = 20  # rare safety data is what makes the toy's refusal fragile (50/25 made it robust here)
-    n_unsafe: int = 10
+    n_benign: int = 6000  # more distinct images, each seen about 5 times rather than 10: less memorised
+    n_harmful: int = 60  # safety data stays rare (1%): that is what makes the toy's refusal fragile
+    n_unsafe: int = 30
 
 
 def make_processor():

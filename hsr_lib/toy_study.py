@@ -79,7 +79,15 @@ def dev_world(root: str | Path | None = None) -> dict[str, str]:
 
     root = Path(root) if root is not None else cache_dir() / f"dev-world-s{W.DEV_SEED}"
     if not all((root / split / "test.json").is_file() for split in SPLITS.values()):
-        W.write_test_set(root, W.DEV_SEED)
+        import os
+        import shutil
+
+        tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")  # written aside, then renamed: no half world
+        W.write_test_set(tmp, W.DEV_SEED)
+        if root.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, root)
     return {bench: str(root / split) for bench, split in SPLITS.items()}
 
 

@@ -100,8 +100,9 @@ def run_toy(model: str = "toy:qwen2_vl", runs_dir: str | Path | None = None, pro
     from . import steps
 
     over = {"model.name": model, **overrides}
-    if world == "dev":
+    if world == "dev":  # in a run directory of its own: answers are kept by item id, and the worlds share ids
         over["eval.data_roots"] = dev_world()
+        over.setdefault("run_name", f"{load_params(PARAMS).run_name}-dev")
     if runs_dir is not None:
         over["runs_dir"] = str(runs_dir)
     run = Run.open(load_params(PARAMS, over))
@@ -128,7 +129,7 @@ def seed_rows(seed: int, runs_dir: str | Path, worlds: Sequence[str] = ("test",)
     train_s = None if cached else time.perf_counter() - t0  # not trained here: no time to report
     rows = []
     for world in worlds:
-        _, table, summary = run_toy(f"toy:qwen2_vl-s{seed}", runs_dir, world=world, run_name=f"toy-s{seed}")
+        _, table, summary = run_toy(f"toy:qwen2_vl-s{seed}", runs_dir, world=world, run_name=f"toy-s{seed}-{world}")
         t = table.set_index("variant")
         row = {"seed": seed, "world": world, "train_s": None if train_s is None else round(train_s, 1)}
         for v in ("dense", "pruned", "hsr", "hsr_a", "random_heads"):

@@ -155,11 +155,14 @@ def toy_command(args) -> int:
     import pandas as pd
 
     rule = toy_study.choose_seed(pd.read_csv(dev_csv)) if dev_csv.is_file() else None
+    if dev_csv.is_file():
+        card["targets"] = {w: toy_study.table_targets(pd.read_csv(toy_model.ASSETS / f))
+                           for w, f in (("dev", "seeds_dev.csv"), ("test", "seeds.csv"))}
     card["chosen"] = (f"seed {args.seed}" + (", the seed the rule in docs/toy.md picks from the development-world "
                       "seed table (seeds_dev.csv): the median HSR RSR among the seeds meeting every target"
                       if rule == args.seed else ", not the seed the rule in docs/toy.md picks from seeds_dev.csv "
                       f"({rule})"))
-    (toy_model.SHIPPED / "toy_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    (toy_model.SHIPPED / "toy_card.json").write_text(json.dumps(card, indent=1, default=float) + "\n")
     print(table.round(2).to_string(index=False))
     print(f"hsr: shipped toy seed {args.seed} -> {toy_model.SHIPPED}")
     return EXIT_OK

@@ -4,6 +4,7 @@ training command regenerates the shipped checkpoint's numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -191,3 +192,13 @@ def test_combined_asr_has_a_wilson_interval_and_random_heads_pool_their_items():
     lo, hi = wilson(180, 800)
     assert t.loc["random_heads", "n_harmful"] == 800 and t.loc["random_heads", "asr_ci_low"] == pytest.approx(100 * lo)
     assert t.loc["dense", "over_refusal"] == 3.0
+
+
+def test_the_shipped_seed_is_the_one_the_rule_picks_from_the_development_table():
+    dev = pd.read_csv(toy_model.ASSETS / "seeds_dev.csv")
+    test = pd.read_csv(toy_model.ASSETS / "seeds.csv")
+    assert sorted(dev.seed) == sorted(test.seed) and set(dev.world) == {"dev"} and set(test.world) == {"test"}
+    card = json.loads((toy_model.SHIPPED / "toy_card.json").read_text())
+    assert toy_study.choose_seed(dev) == card["recipe"]["seed"] == toy_model.SHIPPED_SEED
+    assert card["recipe"] == json.loads(json.dumps(dataclasses.asdict(toy_model.Recipe(seed=toy_model.SHIPPED_SEED))))
+    assert {"dense", "pruned", "hsr"} <= set(card["expected_dev"])  # the development world's numbers beside the test's

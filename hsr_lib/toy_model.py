@@ -37,7 +37,7 @@ TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant ' -}}{%- endif -%}"
 )
 _NAME = re.compile(r"toy:qwen2_vl(-mha)?(?:-s(\d+))?")
-SHIPPED_SEED = 3  # the seed of the shipped checkpoint (its card says so too)
+SHIPPED_SEED = 2  # the seed of the shipped checkpoint: the rule in docs/toy.md picked it (its card says so too)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ split ASRs stand beside it. Benign accuracy: the answer names the shape's colour
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -125,13 +126,15 @@ def seed_rows(seed: int, runs_dir: str | Path, worlds: Sequence[str] = ("test",)
 
     cached = (cache_dir() / f"qwen2_vl-s{seed}" / "config.json").is_file()
     t0 = time.perf_counter()
-    checkpoint(f"toy:qwen2_vl-s{seed}")
+    path = checkpoint(f"toy:qwen2_vl-s{seed}")
     train_s = None if cached else time.perf_counter() - t0  # not trained here: no time to report
+    card = json.loads((path / "toy_card.json").read_text()) if (path / "toy_card.json").is_file() else {}
     rows = []
     for world in worlds:
         _, table, summary = run_toy(f"toy:qwen2_vl-s{seed}", runs_dir, world=world, run_name=f"toy-s{seed}-{world}")
         t = table.set_index("variant")
-        row = {"seed": seed, "world": world, "train_s": None if train_s is None else round(train_s, 1)}
+        row = {"seed": seed, "world": world, "train_s": None if train_s is None else round(train_s, 1),
+               "train_cpu_s": card.get("train_cpu_s")}  # CPU time of its one training thread
         for v in ("dense", "pruned", "hsr", "hsr_a", "random_heads"):
             if v in t.index:
                 row[f"asr_{v}"] = round(t.loc[v, "asr"], 2)

@@ -1,5 +1,5 @@
 """The teaching toy's model (docs/toy.md): a Qwen2-VL-architecture VLM small enough to train on a
-laptop CPU in about half a minute, its word-level tokenizer and chat template, the training loop,
+laptop CPU in one to two minutes, its word-level tokenizer and chat template, the training loop,
 and where checkpoints live.
 
 ``toy:qwen2_vl`` is the shipped checkpoint (package data, ``hsr_lib/toy_assets/model``);
@@ -230,6 +230,6 @@ def checkpoint(name: str, train_missing: bool = True) -> Path:
     if not (path / "config.json").is_file():
         if not train_missing:
             raise FileNotFoundError(f"{path}: {name} is not trained yet (hsr toy train)")
-        print(f"[hsr] training {name} (about 30 s, cached in {path})", flush=True)
+        print(f"[hsr] training {name} (one to two minutes, cached in {path})", flush=True)
         train(recipe, path)
     return path

@@ -2,7 +2,7 @@
 
     hsr run params/tiny.yaml [-p pruning.sparsity=0.6 ...] [--from 02] [--to 05] [--verify] [--force STEP|all]
     hsr params params/tiny.yaml [-p KEY=VALUE ...]
-    hsr toy train --seed S [--out DIR]      train the teaching toy (one thread, about 30 s)
+    hsr toy train --seed S [--out DIR]      train the teaching toy (one thread, one to two minutes)
     hsr toy ship --seed S                   train it into the package and write its card's numbers
     hsr toy seeds --seeds 0-9 [--workers 2] the seed table (train and run the pipeline per seed)
     hsr sweep params/sweeps/FILE.yaml [--executor local|processes|slurm] [--workers N] [--status] [--dry-run]

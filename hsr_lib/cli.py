@@ -15,6 +15,7 @@ another process, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -26,7 +27,7 @@ from .params import ParamsError, load_params
 from .preflight import InputError, check, steps_for
 from .progress import TEXT_ENV
 from .sweep import SweepError
-from .runs import FORCE_ENV, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run, resolve_paths
+from .runs import EVENTS_ENV, FORCE_ENV, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run, resolve_paths
 
 NOTEBOOK = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 LAST_RUN_NOTEBOOK = 6  # 07 (findings) reads a sweep, not a run: `hsr sweep` executes it
@@ -40,20 +41,64 @@ def notebooks(directory: Path, first: str | None = None, last: str | None = None
     return [p for p in found if lo <= int(p.name[:2]) <= hi]
 
 
+class Events:
+    """The lines the run directory's code said (``runs.say``) in kernels and worker processes, read
+    back from the file ``HSR_EVENTS`` names and repeated on stderr after each notebook or wave."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.said = path, 0, set()
+        path.unlink(missing_ok=True)
+        os.environ[EVENTS_ENV] = str(path)
+
+    def flush(self) -> None:
+        """Print the lines written since the last call, each once, on stderr."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        self.offset += len(whole)
+        for line in whole.decode("utf-8", "replace").splitlines():
+            if line not in self.said:
+                self.said.add(line)
+                print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.flush()
+        os.environ.pop(EVENTS_ENV, None)
+        self.path.unlink(missing_ok=True)
+
+
+class _QuietDeath(logging.Filter):
+    """Drop nbclient's log line for a dead kernel: ``hsr`` says it in its own one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Kernel died" not in record.getMessage()
+
+
 def _execute(nb: Path, out: Path, run: Run) -> None:
     """Execute ``nb`` into a hidden working copy; only a success replaces ``out`` (the last good
-    executed copy), a failure is kept beside it as ``NN_name.failed.ipynb``."""
+    executed copy), a failure is kept beside it as ``NN_name.failed.ipynb``. The kernel is stopped
+    at once when the run ends or is interrupted (a graceful shutdown mid-cell makes it print a
+    traceback of its own)."""
     import papermill as pm
 
     work = out.with_name(f".{out.stem}.running.ipynb")
     failed = out.with_name(f"{out.stem}.failed.ipynb")
+    quiet = _QuietDeath()
+    logging.getLogger("papermill").addFilter(quiet)
     try:
         pm.execute_notebook(str(nb), str(work), parameters={"params_path": None, "overrides": run.params.to_dict()},
-                            cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=sys.stderr.isatty())
+                            cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=sys.stderr.isatty(),
+                            shutdown_kernel="immediate")
     except BaseException:
         if work.exists():
             os.replace(work, failed)
         raise
+    finally:
+        logging.getLogger("papermill").removeFilter(quiet)
     os.replace(work, out)
     failed.unlink(missing_ok=True)
 
@@ -63,6 +108,7 @@ def run_pipeline(params_path: str, overrides: list[str], first: str | None = Non
     """Check everything, then execute the notebooks into ``<run>/notebooks``; stop at the first that
     fails. Returns an exit code."""
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
 
     folder = notebook_dir or PROJECT_ROOT / "notebooks"
     todo = notebooks(folder, first, last)
@@ -83,21 +129,36 @@ def run_pipeline(params_path: str, overrides: list[str], first: str | None = Non
     os.environ[FORCE_ENV] = ",".join(force)
     out_dir = run.dir / "notebooks"
     out_dir.mkdir(exist_ok=True)
+    events = Events(run.dir / f".events-{os.getpid()}.log")
+    try:
+        return _run_notebooks(todo, out_dir, run, events, pm.PapermillExecutionError, DeadKernelError)
+    finally:
+        events.close()
+
+
+def _run_notebooks(todo: list[Path], out_dir: Path, run: Run, events: Events, failure: type, death: type) -> int:
+    """Execute ``todo`` in order; a failure leaves the manifest's entries as they were (the failed
+    executed copy is its record) and is said in one line."""
     total = time.perf_counter()
     for i, nb in enumerate(todo, 1):
         out = out_dir / nb.name
         print(f"[{i}/{len(todo)}] {nb.stem} ...", flush=True)
         t0 = time.perf_counter()
+        failed = out.with_name(f"{out.stem}.failed.ipynb")
         try:
             _execute(nb, out, run)
-        except pm.PapermillExecutionError as err:
-            wall = round(time.perf_counter() - t0, 2)
-            failed = out.with_name(f"{out.stem}.failed.ipynb")
-            entry = {"wall_s": wall, "status": "failed", "path": str(failed.relative_to(run.dir)), "error": err.ename}
-            run.record_notebook(nb.stem, entry)
+        except failure as err:
+            events.flush()
             print(f"hsr: {nb.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                   f"     executed copy: {failed}", file=sys.stderr)
             return EXIT_LOCKED if err.ename == "LockHeld" else EXIT_FAILED
+        except death:
+            events.flush()
+            print(f"hsr: {nb.name}: the kernel died while running it, most likely killed by the system for lack of "
+                  f"memory (the OOM killer; `dmesg` says); executed copy: {failed}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            events.flush()
         wall = round(time.perf_counter() - t0, 2)
         run.record_notebook(nb.stem, {"wall_s": wall, "status": "ok", "path": str(out.relative_to(run.dir)),
                                       "records": read_records(out)})

@@ -22,6 +22,7 @@ kept for the message another writer gets); a lock whose holder died is taken ove
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import os
 import platform
 import shutil
@@ -38,6 +39,7 @@ from .params import Params, load_params
 
 MARKER = "_step.json"
 VERIFY_ENV, FORCE_ENV, TOKEN_ENV = "HSR_VERIFY", "HSR_FORCE", "HSR_INVOCATION"  # set by `hsr run` for its kernels
+EVENTS_ENV = "HSR_EVENTS"  # a file `hsr run` / `hsr sweep` reads back: every line :func:`say` printed, for the terminal
 STEP_NAMES = ("data", "ships", "scores", "prune", "realign", "evaluate")
 PATH_KEYS = ("runs_dir", "data.vlguard_root", "data.image_root", "eval.llm_judge_path")
 HASH_LEN = 10
@@ -145,10 +147,22 @@ _SAID: set[str] = set()  # integrity messages already printed by this process
 _HASHED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime, hash) this process has re-hashed and found equal
 
 
-def _say(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        print(f"[hsr] {message}", flush=True)
+def say(message: str) -> None:
+    """Print ``[hsr] message`` once per process: what the run directory did that a user must hear of
+    (an integrity failure and its recompute, a missing marker, a lock taken over, staging cleaned,
+    answers regenerated). Under ``hsr run`` / ``hsr sweep`` (``HSR_EVENTS`` names a file) the line is
+    also appended there, so the command repeats it on the terminal, not only inside a notebook."""
+    if message in _SAID:
+        return
+    _SAID.add(message)
+    print(f"[hsr] {message}", flush=True)
+    events = os.environ.get(EVENTS_ENV)
+    if events:
+        try:
+            with open(events, "a", encoding="utf-8") as f:  # one short append per line: whole under O_APPEND
+                f.write(f"[hsr] {message}".replace("\n", " ") + "\n")
+        except OSError:
+            pass  # the line was printed; the terminal copy is best effort
 
 
 class Run:
@@ -232,9 +246,14 @@ class Run:
         """True when the keyed folder finished with this fingerprint and its artifacts are intact.
         A finished folder that fails a check is named in a printed line (it will be recomputed)."""
         why = self.problem(spec)
+        if why == "not computed" and self.path(spec).is_dir():
+            marker = self.path(spec) / MARKER
+            state = "is unreadable" if marker.exists() else "is missing"
+            say(f"{spec.where}: {MARKER} {state}, so the folder is not known to be complete; recomputing it")
+            return False
         if why in (None, "not computed", "made with other inputs"):
             return why is None
-        _say(f"{spec.where}: {why}; recomputing it")
+        say(f"{spec.where}: {why}; recomputing it")
         return False
 
     def keys(self, step: str) -> list[str]:
@@ -265,7 +284,7 @@ class Run:
             if holder.is_file():
                 try:
                     h = read_json(holder)
-                    _say(f"{spec.where}: taking over the lock of pid {h.get('pid')} on {h.get('host')} "
+                    say(f"{spec.where}: taking over the lock of pid {h.get('pid')} on {h.get('host')} "
                          f"(since {h.get('since')}), which ended without releasing it")
                 except (OSError, ValueError):
                     pass
@@ -275,16 +294,42 @@ class Run:
             holder.unlink(missing_ok=True)
             lock.release()
 
+    def clean_staging(self, spec: Spec, keep: tuple[str, ...] = ()) -> None:
+        """Remove from ``spec``'s staging folder everything but the files matching ``keep`` (glob
+        patterns relative to it, e.g. ``layers/layer_*.json``: what the step resumes from), each
+        removal named in a line: a stray file there would otherwise be promoted with the artifacts."""
+        stage = self.staging(spec)
+
+        def walk(folder: Path) -> None:
+            for p in sorted(folder.iterdir()):
+                rel = p.relative_to(stage).as_posix()
+                if p.is_dir() and not p.is_symlink():
+                    if any(k.startswith(rel + "/") for k in keep):
+                        walk(p)
+                        continue
+                    shutil.rmtree(p)
+                elif any(fnmatch.fnmatchcase(rel, k) for k in keep):
+                    continue
+                else:
+                    p.unlink()
+                say(f"{spec.where}: removed {rel!r} from its staging folder {stage.name} (not something this "
+                    "step resumes from)")
+
+        if stage.is_dir():
+            walk(stage)
+
     @contextmanager
-    def step(self, spec: Spec) -> Iterator[Path]:
+    def step(self, spec: Spec, keep: tuple[str, ...] = ()) -> Iterator[Path]:
         """Run a step's body in its staging folder, holding its key's lock; on success record the
         marker (with every artifact's size, modification time and hash) and move the folder to its
-        key, then record the params and the manifest. A failure leaves the staging folder (and its
-        saved progress) behind and the finished folder, params and manifest untouched."""
+        key, then record the params and the manifest. A staging folder left by an earlier attempt
+        keeps only what ``keep`` matches (:meth:`clean_staging`). A failure leaves the staging folder
+        (and its saved progress) behind and the finished folder, params and manifest untouched."""
         with self.lock(spec):
             stage = self.staging(spec)
-            stage.mkdir(parents=True, exist_ok=True)
             (stage / MARKER).unlink(missing_ok=True)
+            self.clean_staging(spec, keep)
+            stage.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             yield stage
             wall = round(time.perf_counter() - t0, 3)

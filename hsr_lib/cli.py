@@ -27,7 +27,7 @@ from .params import ParamsError, load_params
 from .preflight import InputError, check, steps_for
 from .progress import TEXT_ENV
 from .sweep import SweepError
-from .runs import EVENTS_ENV, FORCE_ENV, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run, resolve_paths
+from .runs import FORCE_ENV, Events, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run, resolve_paths
 
 NOTEBOOK = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 LAST_RUN_NOTEBOOK = 6  # 07 (findings) reads a sweep, not a run: `hsr sweep` executes it
@@ -39,36 +39,6 @@ def notebooks(directory: Path, first: str | None = None, last: str | None = None
     found = sorted(p for p in directory.glob("*.ipynb") if NOTEBOOK.match(p.name))
     lo, hi = int(first or 0), min(int(last or 99), LAST_RUN_NOTEBOOK)
     return [p for p in found if lo <= int(p.name[:2]) <= hi]
-
-
-class Events:
-    """The lines the run directory's code said (``runs.say``) in kernels and worker processes, read
-    back from the file ``HSR_EVENTS`` names and repeated on stderr after each notebook or wave."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.said = path, 0, set()
-        path.unlink(missing_ok=True)
-        os.environ[EVENTS_ENV] = str(path)
-
-    def flush(self) -> None:
-        """Print the lines written since the last call, each once, on stderr."""
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return
-        whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next call
-        self.offset += len(whole)
-        for line in whole.decode("utf-8", "replace").splitlines():
-            if line not in self.said:
-                self.said.add(line)
-                print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.flush()
-        os.environ.pop(EVENTS_ENV, None)
-        self.path.unlink(missing_ok=True)
 
 
 class _QuietDeath(logging.Filter):

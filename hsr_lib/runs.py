@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+import sys
 from typing import Any, Callable, Iterator, Mapping
 
 from .io import atomic_write_json, file_hash, read_json, stable_hash
@@ -163,6 +164,36 @@ def say(message: str) -> None:
                 f.write(f"[hsr] {message}".replace("\n", " ") + "\n")
         except OSError:
             pass  # the line was printed; the terminal copy is best effort
+
+
+class Events:
+    """The lines the run directory's code said (``runs.say``) in kernels and worker processes, read
+    back from the file ``HSR_EVENTS`` names and repeated on stderr after each notebook or wave."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.said = path, 0, set()
+        path.unlink(missing_ok=True)
+        os.environ[EVENTS_ENV] = str(path)
+
+    def flush(self) -> None:
+        """Print the lines written since the last call, each once, on stderr."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        self.offset += len(whole)
+        for line in whole.decode("utf-8", "replace").splitlines():
+            if line not in self.said:
+                self.said.add(line)
+                print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.flush()
+        os.environ.pop(EVENTS_ENV, None)
+        self.path.unlink(missing_ok=True)
 
 
 class Run:

@@ -62,6 +62,17 @@ def source(P: Params, run_dir: Path | None = None) -> tuple[Path | None, Path | 
     return train_json, image_root, {"train_json": cached_file_hash(train_json)}
 
 
+def synthetic_sizes(P: Params) -> dict[str, int]:
+    """The sizes of the synthetic set's splits, known before the data step makes it."""
+    if P.data.synthetic == "toy":
+        import inspect
+
+        n = {k: v.default for k, v in inspect.signature(train_set).parameters.items()}
+        return {"safety": n["n_harmful"] + n["n_unsafe"], "utility": n["n_benign"], "safe_unsafe": n["n_benign"]}
+    unsafe = (P.data.n_synthetic + 1) // 2  # make_synthetic_vlguard: half unsafe, rounded up
+    return {"safety": unsafe, "utility": P.data.n_synthetic - unsafe, "safe_unsafe": P.data.n_synthetic - unsafe}
+
+
 def synthetic_dir(run_dir: Path, P: Params) -> Path:
     """Where a run keeps its generated VLGuard-shaped set (generic, or the toy's training world)."""
     if P.data.synthetic == "toy":

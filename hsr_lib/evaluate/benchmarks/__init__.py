@@ -81,12 +81,23 @@ def data_fingerprint(name: str, data_roots: Mapping[str, str]) -> str:
     return cached_file_hash(data_file(name, data_roots))
 
 
+def refuse_duplicates(b: Benchmark, items: list[EvalItem]) -> None:
+    """Item ids key the answers and the scores: a second item with an id is refused, naming both."""
+    first: dict[str, EvalItem] = {}
+    for it in items:
+        if it.id in first:
+            raise BenchmarkError(f"{b.title}: item id {it.id!r} appears twice: {first[it.id].source} and {it.source}; "
+                                 "ids must be unique")
+        first[it.id] = it
+
+
 def load_benchmark(name: str, data_roots: Mapping[str, str], n_items: int | None = None,
                    circular: bool = False, allow_outside: bool = False) -> list[EvalItem]:
     """The benchmark's items: the first ``n_items`` questions (MMBench: rotations per ``circular``);
     image paths must resolve inside the benchmark's folder unless ``allow_outside``."""
     b = get(name)
     items = b.load(data_root(name, data_roots), allow_outside=allow_outside)
+    refuse_duplicates(b, items)
     if name == "mmbench":
         items = mmbench.select(items, circular)
     return first_n(items, n_items)

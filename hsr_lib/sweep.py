@@ -210,13 +210,17 @@ def _retrying(fn: Callable[[], Any], patience_s: float = 3600.0) -> Any:
             time.sleep(2.0)
 
 
-def run_upstream(sw_path: str, point: dict[str, Any], wave: int, log_dir: str | None = None) -> dict[str, Any]:
+def run_upstream(sw_path: str, point: dict[str, Any], wave: int, log_dir: str | None = None,
+                 events: str | None = None) -> dict[str, Any]:
     """Compute one wave of a point's shared upstream steps (a job of its own on a cluster); a failure
-    is returned, not raised, with the log that holds its traceback."""
+    is returned, not raised, with the log that holds its traceback. ``events``: the file the run
+    directory's lines also go to (:func:`~hsr_lib.runs.use_events`), for the terminal."""
     import contextlib
 
     from . import steps
-    from .runs import Run
+    from .runs import Run, use_events
+
+    use_events(events)
 
     log = Path(log_dir or ".") / f"upstream-{wave}-{point_id(point)}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +239,7 @@ def run_upstream(sw_path: str, point: dict[str, Any], wave: int, log_dir: str | 
             return {"status": "failed", "error": f"{type(e).__name__}: {e}", "log": str(log)}
 
 
-def run_point(sw_path: str, point: dict[str, Any], log_dir: str) -> dict[str, Any]:
+def run_point(sw_path: str, point: dict[str, Any], log_dir: str, events: str | None = None) -> dict[str, Any]:
     """One point: every step through the library, into its run directory; failures are returned,
     not raised, with the log that holds the traceback."""
     import contextlib
@@ -243,6 +247,9 @@ def run_point(sw_path: str, point: dict[str, Any], log_dir: str) -> dict[str, An
     from . import steps
     from .runs import Run
 
+    from .runs import use_events
+
+    use_events(events)
     log = Path(log_dir) / f"{point_id(point)}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -272,7 +279,7 @@ def _run_points(sw: Sweep, ex: dict[str, Any], todo: list[dict[str, Any]], folde
             if what not in jobs and what not in broken and not any(d in broken for d in deps[point_id(p)][:i]):
                 jobs[what] = p  # computed with the params of a point whose earlier waves succeeded
         results = _map(ex["kind"], int(ex.get("workers", 1)), run_upstream,
-                       [(str(sw.path), p, i, logs) for p in jobs.values()], folder, ex)
+                       [(str(sw.path), p, i, logs, str(events.path)) for p in jobs.values()], folder, ex)
         events.flush()
         for what, r in zip(jobs, results):
             if r["status"] != "done":
@@ -288,8 +295,8 @@ def _run_points(sw: Sweep, ex: dict[str, Any], todo: list[dict[str, Any]], folde
             what = next(d for d in deps[point_id(p)] if d in broken)
             out[point_id(p)] = {"point": point_id(p), "status": "failed", "log": bad["log"], "wall_s": 0.0,
                                 "error": f"the shared step it stands on failed ({what}: {bad['error']})"}
-    results = _map(ex["kind"], int(ex.get("workers", 1)), run_point, [(str(sw.path), p, logs) for p in runnable],
-                   folder, ex)
+    results = _map(ex["kind"], int(ex.get("workers", 1)), run_point,
+                   [(str(sw.path), p, logs, str(events.path)) for p in runnable], folder, ex)
     events.flush()
     out.update({r["point"]: r for r in results})
     return out
@@ -352,13 +359,14 @@ def run_sweep(path: str | Path, executor: dict[str, Any] | None = None, dry_run:
         return status
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    from .runs import Events
+    from .runs import Events, use_events
 
     events = Events(folder / f".events-{os.getpid()}.log")
     try:
         by_id = _run_points(sw, ex, todo, folder, events)
     finally:
         events.close()
+        use_events(None)  # the local executor ran the points in this process
     rows = []
     for p, s in zip(sw.points, status):
         r = by_id.get(s["point"], {"status": "done" if s["done"] else "missing"})
@@ -383,9 +391,11 @@ def findings_notebook(folder: Path, notebook: Path | None = None) -> Path | None
         return None
     import papermill as pm
 
+    from .kernel import execute_options
+
     out = folder / nb.name
     pm.execute_notebook(str(nb), str(out), parameters={"sweep_dir": str(folder)}, cwd=str(PROJECT_ROOT),
-                        kernel_name="python3", progress_bar=False)
+                        progress_bar=False, **execute_options())
     return out
 
 
@@ -402,5 +412,101 @@ def read_points(folder: str | Path) -> list[dict[str, Any]]:
     return read_json(Path(folder) / "points.json")["points"]
 
 
+# the settings every row of :func:`results` carries, by column name (the sweep's other keys are added by their dotted name)
+SETTINGS = {"model": "model.name", "method": "pruning.method", "sparsity": "pruning.sparsity",
+            "pattern": "pruning.pattern", "p": "realign.p", "q": "realign.q", "p_max": "realign.p_max",
+            "top_h": "realign.top_h", "region": "realign.region", "ships_score": "ships.score"}
+
+
+def sweep_of(folder: str | Path) -> Sweep:
+    """The sweep a finished sweep folder was made from (the file ``points.json`` names)."""
+    points = Path(folder) / "points.json"
+    if not points.is_file():
+        raise SweepError(f"{folder}: not a finished sweep's folder (no points.json; run `hsr sweep FILE` first)")
+    return load_sweep(read_json(points)["sweep"])
+
+
+def base_params(folder: str | Path) -> Params:
+    """The base params every point of the sweep in ``folder`` starts from (the settings held where another varies)."""
+    return load_params(sweep_of(folder).base)
+
+
+def point_runs(folder: str | Path) -> list[tuple[dict[str, Any], Any]]:
+    """``(point row, Run)`` for every point the sweep in ``folder`` recorded: each point's own params on its
+    run directory (opening them writes nothing)."""
+    from .runs import Run
+
+    sw = sweep_of(folder)
+    return [(p, Run(sw.params(p["values"]), Path(p["run_dir"]))) for p in read_points(folder)]
+
+
+def results(folder: str | Path):
+    """A sweep's results as one tidy table: a row per point, variant and row of its evaluation's
+    ``metrics.csv`` (benchmark, metric, judge, value, n, …), with the point's settings as columns
+    (:data:`SETTINGS` and every key the sweep varies, by its dotted name), the variant's restored
+    ratio (‱) and the keys of the artifacts it stands on (``ships_key``, ``scores_key``,
+    ``prune_key``, ``realign_key`` (the variant's own; empty for dense and pruned), ``evaluate_key``).
+    A point whose evaluation is not finished is left out with a printed line naming it."""
+    import pandas as pd
+
+    from . import steps
+
+    pairs = point_runs(folder)
+    swept = sorted({k for p, _ in pairs for k in p["values"]} - set(SETTINGS.values()))
+    frames = []
+    for point, run in pairs:
+        params = run.params
+        try:
+            ev = steps.evaluate.load(run)
+        except steps.StepNotDone as e:
+            print(f"[hsr] sweep point {point['point']} left out: {e}")
+            continue
+        settings = {col: _scalar(params.get(key)) for col, key in {**SETTINGS, **{k: k for k in swept}}.items()}
+        keys = {"ships_key": steps.ships.spec(params).key, "scores_key": steps.scores.spec(params).key,
+                "prune_key": steps.prune.spec(params).key, "evaluate_key": ev.key}
+        status = ev.status.set_index("variant")
+        source = status["from"].to_dict()
+        realign_key = {v: w.split("/", 1)[1] if w.startswith(f"{steps.realign.NAME}/") else ""
+                       for v, w in source.items()}
+        m = ev.metrics
+        frames.append(m.assign(point=point["point"], run_dir=str(run.dir), **settings, **keys,
+                               realign_key=m.variant.map(realign_key),
+                               restored_ratio_permyriad=m.variant.map(status["restored_ratio_permyriad"].to_dict())))
+    if not frames:
+        raise SweepError(f"{folder}: no point of this sweep has a finished evaluation")
+    out = pd.concat(frames, ignore_index=True)
+    lead = ["point", *SETTINGS, *swept, "variant"]
+    return out[lead + [c for c in out.columns if c not in lead]]
+
+
+def _scalar(value: Any) -> Any:
+    """A setting as one table cell: lists and mappings as their YAML flow text."""
+    return value if value is None or isinstance(value, (str, int, float, bool)) else \
+        yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def runs_beside(folder: str | Path) -> list[Any]:
+    """The other run directories under the sweep's ``runs_dir`` (not a point's), each as a Run of the
+    params it last ran with, when those have a finished evaluation: e.g. the toy models of other
+    seeds a seeds sweep left beside the points."""
+    from . import steps
+    from .runs import Run
+
+    pairs = point_runs(folder)
+    taken = {str(run.dir) for _, run in pairs}
+    root = Path(pairs[0][1].params.runs_dir) if pairs else None
+    found = []
+    for d in sorted(root.iterdir()) if root is not None and root.is_dir() else []:
+        if str(d) in taken or not (d / "params.yaml").is_file():
+            continue
+        try:
+            run = Run(load_params(d / "params.yaml"), d)
+            steps.evaluate.load(run)
+        except (ParamsError, steps.StepNotDone, OSError, ValueError):
+            continue
+        found.append(run)
+    return found
+
+
 __all__ = ["Sweep", "SweepError", "load_sweep", "run_sweep", "status_table", "read_points", "slurm_parameters",
-           "point_id"]
+           "point_id", "results", "point_runs", "base_params", "runs_beside", "sweep_of", "SETTINGS"]

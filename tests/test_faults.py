@@ -175,13 +175,8 @@ def test_a_failing_shared_step_fails_only_the_points_on_it(tmp_path, monkeypatch
 
 
 @pytest.fixture
-def in_process(monkeypatch):
-    """``main`` called in this process: the options ``hsr run`` hands its kernels are restored after."""
-    from hsr_lib.progress import TEXT_ENV
-    from hsr_lib.runs import EVENTS_ENV, FORCE_ENV, TOKEN_ENV, VERIFY_ENV
-
-    for key in (TEXT_ENV, EVENTS_ENV, FORCE_ENV, TOKEN_ENV, VERIFY_ENV):
-        monkeypatch.delenv(key, raising=False)
+def in_process():
+    """``hsr`` called in this process (without the start-up of a new one)."""
     return main
 
 

@@ -21,7 +21,7 @@ except ImportError:
     from ..io import cached_file_hash as image_file_hash
 
 ImageKind = Literal["path", "base64", "figstep"]
-Kind = Literal["refusal", "mc_safety", "mcq", "vqa", "names"]
+Kind = Literal["refusal", "mc_safety", "mcq", "vqa", "names", "benign"]
 
 
 class BenchmarkError(ValueError):

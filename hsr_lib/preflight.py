@@ -87,8 +87,11 @@ def check_geometry(P: Params, steps: set[str]) -> None:
     from .sparsity import parse_pattern
 
     config = _model_config(P)
-    adapter = adapter_for(config, P.model.family)
-    geo = adapter.geometry(config)
+    try:
+        adapter = adapter_for(config, P.model.family)
+        geo = adapter.geometry(config)
+    except ValueError as e:
+        raise InputError(f"model.name = {P.model.name!r}: {e}") from None
     name = P.model.name
     if "realign" in steps and P.realign.top_h > geo.n_heads_total:
         raise InputError(f"realign.top_h = {P.realign.top_h} but {name} has only {geo.n_heads_total} attention heads "

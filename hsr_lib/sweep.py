@@ -245,9 +245,7 @@ def run_point(sw_path: str, point: dict[str, Any], log_dir: str, events: str | N
     import contextlib
 
     from . import steps
-    from .runs import Run
-
-    from .runs import use_events
+    from .runs import Run, use_events
 
     use_events(events)
     log = Path(log_dir) / f"{point_id(point)}.log"

@@ -300,16 +300,29 @@ def _run_points(sw: Sweep, ex: dict[str, Any], todo: list[dict[str, Any]], folde
     return out
 
 
+def _ignore_interrupt() -> None:
+    """A worker leaves Ctrl-C to the sweep's process, which stops it (no traceback per worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _map(kind: str, workers: int, fn: Callable, args: list[tuple], folder: Path, executor: dict[str, Any]) -> list:
     """Run ``fn(*a)`` for every ``a`` with the executor of the sweep."""
     if kind == "local" or len(args) <= 1 and kind != "slurm":
         return [fn(*a) for a in args]
     if kind == "processes":
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            return list(pool.map(fn, *zip(*args)))
+        pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_interrupt)
+        try:
+            out = pool.starmap(fn, args, chunksize=1)
+        except BaseException:  # Ctrl-C: the workers stop at once, and `hsr` says it in one line
+            pool.terminate()
+            raise
+        pool.close()
+        pool.join()
+        return out
     ex = slurm_executor(folder, executor)
     jobs = ex.map_array(fn, *zip(*args)) if args else []
     return [j.result() for j in jobs]

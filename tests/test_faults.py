@@ -192,7 +192,7 @@ def test_run_directory_events_are_said_on_the_terminal(run_copy, tmp_path, in_pr
     nbs = tmp_path / "nbs"
     nbs.mkdir()
     _notebook(nbs / "05_x.ipynb", "from hsr_lib.notebook import start\nfrom hsr_lib import steps\n"
-                                  "steps.realign.run(start(params_path, overrides), progress=False)")
+                                  "steps.realign.run(start(params_path, overrides, **run_options), progress=False)")
     assert in_process([*lib_args(run), "--notebooks", str(nbs)]) == 0
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[hsr]")]
     assert any(f"{prune.where}: {mask} changed since it was written" in x and "recomputing it" in x for x in err), err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -87,12 +86,8 @@ def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def cached_file_hash(path: str | os.PathLike) -> str:
-    """:func:`file_hash`, computed once per file version (path, size, modification time) in a
-    process: keys are computed often, and a data file can be tens of MB."""
-    st = os.stat(path)
-    return _file_hash_of(str(path), st.st_size, st.st_mtime_ns)
+    """:func:`file_hash`, computed once per file version (path, size, modification time) on this
+    machine: :func:`hsr_lib.identity.file_hash` (cached in ``$HSR_CACHE/hashes/``)."""
+    from .identity import file_hash as cached
 
-
-@functools.lru_cache(maxsize=128)
-def _file_hash_of(path: str, size: int, mtime_ns: int) -> str:
-    return file_hash(path)
+    return cached(path)

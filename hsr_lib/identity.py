@@ -1,8 +1,7 @@
 """What identifies an input (docs/run-directory.md, "What identifies an input"): content, never location.
 
 * :func:`file_hash` — a file's content hash, computed once per file version and cached per machine
-  in ``$HSR_CACHE/hashes/`` (keyed by path, size, modification and change time; atomic writes, so
-  several processes may share it);
+  in ``$HSR_CACHE/hashes/`` (:func:`hsr_lib.io.cached_file_hash`);
 * :func:`model_fingerprint` — a model: ``tiny:`` its build version and seed, ``toy:`` and a local
   folder the bytes of its weight, config, tokenizer, processor and chat-template files, an HF id the
   commit its name resolves to in the local Hugging Face cache;
@@ -11,20 +10,12 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .io import file_hash as _raw_hash
-from .io import stable_hash
+from .io import cached_file_hash, stable_hash
 
-DISK_MIN = 64 << 10  # files this size or larger have their hash cached on disk (smaller: re-hashing is as cheap)
-LOUD_MIN = 512 << 20  # hashing a file this large prints a line (a 7B checkpoint takes seconds per shard)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz", ".onnx")
 MODEL_FILE_SUFFIXES = (*WEIGHT_SUFFIXES, ".json", ".jinja", ".model", ".tiktoken", ".txt", ".py")
 NOT_MODEL_FILES = ("toy_card.json",)  # documentation: the toy's card carries its training time
@@ -34,63 +25,10 @@ class IdentityError(ValueError):
     """An input whose identity cannot be established; the message names it."""
 
 
-def cache_root() -> Path:
-    """``$HSR_CACHE`` (default ``~/.cache/hsr``): the toy checkpoints and the hash cache."""
-    return Path(os.environ.get("HSR_CACHE") or Path.home() / ".cache" / "hsr")
-
-
-def hashes_dir() -> Path:
-    return cache_root() / "hashes"
-
-
-def _signature(path: str) -> tuple[str, int, int, int, int]:
-    """What says a file is unchanged: absolute path, size, modification and change time, inode. The
-    change time catches a replacement that kept the modification time (``cp -p``, ``rsync -a``)."""
-    st = os.stat(path)
-    return os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-
-
 def file_hash(path: str | os.PathLike) -> str:
-    """A short sha256 of the file's bytes, computed once per file version on this machine."""
-    return _hash_of(*_signature(os.fspath(path)))
-
-
-@functools.lru_cache(maxsize=65536)
-def _hash_of(path: str, size: int, mtime_ns: int, ctime_ns: int, ino: int) -> str:
-    if size < DISK_MIN:
-        return _raw_hash(path)
-    sig = [path, size, mtime_ns, ctime_ns, ino]
-    name = hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32]
-    entry = hashes_dir() / name[:2] / f"{name}.json"
-    try:
-        rec = json.loads(entry.read_text())
-        if rec.get("signature") == sig and isinstance(rec.get("hash"), str):
-            return rec["hash"]
-    except (OSError, ValueError):
-        pass  # absent, or unreadable (a crash mid-write on a filesystem without ordered renames): re-hash
-    if size >= LOUD_MIN:
-        print(f"[hsr] hashing {path} ({size / 2**30:.1f} GiB; once on this machine, cached in {hashes_dir()})",
-              file=sys.stderr, flush=True)
-    digest = _raw_hash(path)
-    _store(entry, {"signature": sig, "hash": digest})
-    return digest
-
-
-def _store(entry: Path, rec: dict) -> None:
-    """Write a cache entry atomically (temporary file, then rename: a reader sees all or nothing);
-    a cache that cannot be written is skipped, never an error."""
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(rec))
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError:
-        pass
+    """A short sha256 of the file's bytes, computed once per file version on this machine
+    (:func:`hsr_lib.io.cached_file_hash`: cached in ``$HSR_CACHE/hashes/``)."""
+    return cached_file_hash(path)
 
 
 def images_fingerprint(paths: Iterable[str | os.PathLike | None]) -> str:
@@ -157,15 +95,18 @@ def is_local_model(name: str) -> bool:
 def model_fingerprint(name: str, seed: int = 0) -> str:
     """What identifies ``model.name`` by content: ``tiny:<family>`` its build version and ``seed``;
     ``toy:…`` and a local folder the bytes of its model files; an HF id ``hf:<commit>`` of its local
-    snapshot. An unknown name raises (``models.ModelError`` / :class:`IdentityError`) naming it."""
+    snapshot. An unknown name raises :class:`IdentityError` (``tiny:``: ValueError) naming it."""
     if name.startswith("tiny:"):
         from .tiny import BUILD_VERSION
 
         return stable_hash({"tiny": name[5:], "build": BUILD_VERSION, "seed": seed})
     if name.startswith("toy:"):
-        from .models import _toy
+        from .toy_model import checkpoint
 
-        return folder_fingerprint(_toy(name))
+        try:
+            return folder_fingerprint(checkpoint(name))
+        except (ValueError, FileNotFoundError) as err:
+            raise IdentityError(f"model.name = {name!r}: {err}") from None
     path = Path(name).expanduser()
     if path.is_dir():
         return folder_fingerprint(path)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import TINY, only
 from test_trust import markers, snapshot
-from hsr_lib import identity, steps, toy_model
+from hsr_lib import identity, io, steps, toy_model
 from hsr_lib.cli import main
 from hsr_lib.evaluate.benchmarks import data_fingerprint
 from hsr_lib.params import load_params
@@ -27,9 +27,9 @@ from hsr_lib.runs import Run
 def hash_cache(tmp_path, monkeypatch):
     """A private ``$HSR_CACHE`` and an empty in-process hash cache."""
     monkeypatch.setenv("HSR_CACHE", str(tmp_path / "cache"))
-    identity._hash_of.cache_clear()
+    io._hash_of.cache_clear()
     yield tmp_path / "cache" / "hashes"
-    identity._hash_of.cache_clear()
+    io._hash_of.cache_clear()
 
 
 def _replace_keeping_times(path: Path, data: bytes) -> None:
@@ -58,16 +58,16 @@ def _other_weights(path: Path) -> bytes:
 
 def test_file_hashes_are_cached_on_disk_and_a_replaced_file_is_rehashed(hash_cache, tmp_path, monkeypatch):
     f = tmp_path / "big.bin"
-    f.write_bytes(b"a" * identity.DISK_MIN)
+    f.write_bytes(b"a" * io.HASH_CACHE_MIN)
     first = identity.file_hash(f)
     entries = list(hash_cache.glob("*/*.json"))
     assert len(entries) == 1 and json.loads(entries[0].read_text())["hash"] == first
-    identity._hash_of.cache_clear()  # as another process would: the disk entry answers, nothing is read
-    monkeypatch.setattr(identity, "_raw_hash", lambda p: pytest.fail(f"re-hashed {p}"))
+    io._hash_of.cache_clear()  # as another process would: the disk entry answers, nothing is read
+    monkeypatch.setattr(io, "file_hash", lambda p: pytest.fail(f"re-hashed {p}"))
     assert identity.file_hash(f) == first
     monkeypatch.undo()
     monkeypatch.setenv("HSR_CACHE", str(tmp_path / "cache"))
-    _replace_keeping_times(f, b"b" * identity.DISK_MIN)
+    _replace_keeping_times(f, b"b" * io.HASH_CACHE_MIN)
     assert identity.file_hash(f) != first  # same path, size and mtime: the change time tells
     assert not list(hash_cache.glob("*/.*.tmp"))  # written atomically, nothing left behind
 

@@ -34,7 +34,14 @@ def file_hash(path: str | os.PathLike) -> str:
 def images_fingerprint(paths: Iterable[str | os.PathLike | None]) -> str:
     """The images of a list, in order, by content (a missing file counts as ``None``: the step that
     reads it names it)."""
-    return stable_hash([file_hash(p) if p is not None and os.path.isfile(p) else None for p in paths])
+    return stable_hash([None if p is None else _hash_or_none(p) for p in paths])
+
+
+def _hash_or_none(path: str | os.PathLike) -> str | None:
+    try:
+        return cached_file_hash(path)
+    except OSError:  # missing, or not a file
+        return None
 
 
 def model_files(folder: str | os.PathLike) -> list[Path]:

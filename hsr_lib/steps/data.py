@@ -101,7 +101,7 @@ def images(P: Params, name: str | None = None) -> str | None:
         records = _records(str(train_json), inputs["train_json"])
     except DataError:
         return None
-    return images_fingerprint([image_root / r["image"] for r in records])
+    return images_fingerprint([os.path.join(image_root, r["image"]) for r in records])
 
 
 def sample_fingerprint(P: Params, name: str) -> str:

@@ -36,7 +36,7 @@ def _replace_keeping_times(path: Path, data: bytes) -> None:
     """Overwrite ``path`` in place with same-size content and its old modification time (as
     ``cp -p`` or ``rsync -a`` would leave it)."""
     st = path.stat()
-    time.sleep(0.02)  # another change time than the first write (kernel timestamps are coarse)
+    time.sleep(0.05)  # another change time than the first write (kernel timestamps are coarse)
     assert len(data) == st.st_size
     path.write_bytes(data)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -51,10 +51,13 @@ def _execute(nb: Path, out: Path, run: Run) -> None:
     executed copy), a failure is kept beside it as ``NN_name.failed.ipynb``."""
     import papermill as pm
 
+    from .kernel import execute_options
+
     work = out.with_name(f".{out.stem}.running.ipynb")
     failed = out.with_name(f"{out.stem}.failed.ipynb")
     try:
-        pm.execute_notebook(str(nb), str(work), parameters=kernel_parameters(run), cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=sys.stderr.isatty())
+        pm.execute_notebook(str(nb), str(work), parameters=kernel_parameters(run), cwd=str(PROJECT_ROOT),
+                            progress_bar=sys.stderr.isatty(), **execute_options())
     except BaseException:
         if work.exists():
             os.replace(work, failed)

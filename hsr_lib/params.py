@@ -221,8 +221,8 @@ class RealignParams:
     save_model: bool = _f(False, "also save the realigned model's weights")
 
 
-EVAL_BENCHMARKS = ("safebench", "ch3ef", "mmbench", "docvqa", "vlguard_unsafe", "vlguard_safe_unsafe", "toy_harmful",
-                   "toy_harmful_novel", "toy_unsafe_image", "toy_benign")
+EVAL_BENCHMARKS = ("safebench", "ch3ef", "mmbench", "docvqa", "vlguard_unsafe", "vlguard_safe_unsafe", "vlguard_safe_safe",
+                   "toy_harmful", "toy_harmful_novel", "toy_unsafe_image", "toy_benign")
 
 
 def _data_roots(v: dict) -> str | None:

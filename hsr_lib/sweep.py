@@ -292,9 +292,11 @@ def findings_notebook(folder: Path, notebook: Path | None = None) -> Path | None
         return None
     import papermill as pm
 
+    from .kernel import execute_options
+
     out = folder / nb.name
     pm.execute_notebook(str(nb), str(out), parameters={"sweep_dir": str(folder)}, cwd=str(PROJECT_ROOT),
-                        kernel_name="python3", progress_bar=False)
+                        progress_bar=False, **execute_options())
     return out
 
 

@@ -66,7 +66,7 @@ TINY_EXPECTED = {
                    "set_demo.top_q_safety": 32, "set_demo.utility_band": 12, "set_demo.region": 32,
                    "set_demo.restored": 4},
     "06_evaluate": {"variants_evaluated": ["dense", "pruned", "hsr", "hsr_a", "random_heads"],
-                    "n_responses": 5 * 6 * 4,  # variants × benchmarks × n_items
+                    "n_responses": 5 * 7 * 4,  # variants × benchmarks × n_items
                     # the random-weight model never refuses: every keyword judge but Wei et al.'s counts it as compliant
                     "metrics.dense/safebench/asr/vlguard": 100.0, "metrics.pruned/safebench/asr/vlguard": 100.0,
                     "metrics.hsr/vlguard_unsafe/asr/gcg": 100.0, "metrics.hsr/mmbench/unparsed/": 100.0},

@@ -11,8 +11,9 @@ from typing import Iterable
 
 from .data import DataError, load_records, resolve_vlguard, sample_size, split_records
 from .params import Params
+from .runs import STEP_NAMES
 
-STEP_OF_NOTEBOOK = {1: "data", 2: "ships", 3: "scores", 4: "prune", 5: "realign", 6: "evaluate"}
+STEP_OF_NOTEBOOK = dict(enumerate(STEP_NAMES, start=1))  # notebook 01 runs the first step, …, 06 the evaluation
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -35,7 +36,7 @@ def check(P: Params, steps: set[str]) -> None:
     """Raise :class:`InputError` for the first bad input the ``steps`` would meet."""
     check_runs_dir(P)
     check_model(P.model.name)
-    if steps & {"data", "ships", "scores", "prune", "realign", "evaluate"}:
+    if steps & set(STEP_NAMES):
         check_data(P)
     if "evaluate" in steps:
         check_eval(P)
@@ -54,7 +55,8 @@ def check_runs_dir(P: Params) -> None:
 
 def check_model(name: str) -> None:
     """``model.name``: a known ``tiny:`` or ``toy:`` model, an existing local folder with a config.json,
-    or a well-formed Hugging Face id (in the local cache when ``HF_HUB_OFFLINE`` is set)."""
+    or a well-formed Hugging Face id whose revision resolves (in the local cache; online, its config
+    is fetched first)."""
     if name.startswith("toy:"):
         from .toy_model import SHIPPED, parse
 
@@ -81,12 +83,12 @@ def check_model(name: str) -> None:
     if looks_local or not _HF_ID.fullmatch(name):
         raise InputError(f"model.name = {name!r}: no such local folder, and not a Hugging Face id (org/name) "
                          "or a tiny:<family> model")
-    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
-        from huggingface_hub import try_to_load_from_cache
+    from .identity import IdentityError, hf_revision
 
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise InputError(f"model.name = {name!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is "
-                             "set (download it first, or point model.name at a local folder)")
+    try:  # keys hold the commit it resolves to (docs/run-directory.md)
+        hf_revision(name)
+    except IdentityError as e:
+        raise InputError(str(e)) from None
 
 
 def check_data(P: Params) -> None:

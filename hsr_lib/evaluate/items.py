@@ -15,10 +15,7 @@ from PIL import Image
 from ..data import open_image
 from ..io import stable_hash
 
-try:  # the identity module (content hashes cached across processes), where this checkout has it
-    from ..identity import file_hash as image_file_hash
-except ImportError:
-    from ..io import cached_file_hash as image_file_hash
+from ..identity import file_hash as image_file_hash
 
 ImageKind = Literal["path", "base64", "figstep"]
 Kind = Literal["refusal", "mc_safety", "mcq", "vqa", "names", "benign"]
@@ -60,8 +57,8 @@ class EvalItem:
 
     def image_identity(self) -> str:
         """What identifies the image the model sees, by content (docs/run-directory.md): the bytes of
-        each image file (hashes cached per file version), the base64 data, or FigStep's text and
-        rendering settings."""
+        each image file (:func:`hsr_lib.identity.file_hash`, cached per machine), the base64 data, or
+        FigStep's text and rendering settings."""
         if self.image_kind == "figstep":
             from . import figstep as F
 

@@ -307,6 +307,18 @@ def _ignore_interrupt() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker without its warning about the semaphores of workers
+    stopped by Ctrl-C (their progress-bar locks): ``hsr`` says the interruption in its one line."""
+    from multiprocessing import resource_tracker
+
+    sys.warnoptions.append("ignore::UserWarning")  # read once, by the tracker process started here
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.pop()
+
+
 def _map(kind: str, workers: int, fn: Callable, args: list[tuple], folder: Path, executor: dict[str, Any]) -> list:
     """Run ``fn(*a)`` for every ``a`` with the executor of the sweep."""
     if kind == "local" or len(args) <= 1 and kind != "slurm":
@@ -314,6 +326,7 @@ def _map(kind: str, workers: int, fn: Callable, args: list[tuple], folder: Path,
     if kind == "processes":
         import multiprocessing as mp
 
+        _quiet_resource_tracker()
         pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_interrupt)
         try:
             out = pool.starmap(fn, args, chunksize=1)

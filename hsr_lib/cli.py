@@ -6,6 +6,8 @@
     hsr toy ship --seed S                   train it into the package and write its card's numbers
     hsr toy seeds --seeds 0-9 [--workers 2] the seed table (train and run the pipeline per seed)
     hsr sweep params/sweeps/FILE.yaml [--executor local|processes|slurm] [--workers N] [--status] [--dry-run]
+    hsr course student OUT                  the exercises' student version (solutions taken out)
+    hsr book RUN_DIR [--sweep DIR] [--out DIR]  a finished run's notebooks and the exercises as a static site
 
 Exit codes: 0 done, 1 a step failed (the message names the notebook, its error and the executed
 copy), 2 bad params or inputs (named before any notebook starts), 3 a step's key is locked by
@@ -169,6 +171,27 @@ def sweep_command(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def course_command(args) -> int:
+    """``hsr course student OUT``."""
+    from .course.student import write_student
+
+    written = write_student(args.out)
+    print(f"hsr: student version of {len(written)} exercise(s) -> {args.out}")
+    return EXIT_OK
+
+
+def book_command(args) -> int:
+    """``hsr book RUN_DIR``: the static site."""
+    from .book import BookError, build_book
+
+    try:
+        index = build_book(args.run_dir, args.out, sweep_dir=args.sweep)
+    except BookError as err:
+        raise InputError(str(err)) from None
+    print(f"hsr: site -> {index} (open it in a browser; it loads nothing from the network)")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hsr", description="Hierarchical Safety Realignment: the notebook pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -204,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--status", action="store_true", help="show the points and their state, run nothing")
     w.add_argument("--dry-run", action="store_true", help="list what would run, with the shared upstream steps")
     w.add_argument("--no-findings", action="store_true", help="do not execute notebook 07 at the end")
+    c = sub.add_parser("course", help="the course: write the exercises' student version (docs/course.md)")
+    c.add_argument("action", choices=["student"])
+    c.add_argument("out", type=Path, help="the folder to write the student notebooks into")
+    b = sub.add_parser("book", help="render a finished run's notebooks and the exercises as a static site")
+    b.add_argument("run_dir", type=Path, help="a run directory with executed notebooks (runs/<name>)")
+    b.add_argument("--sweep", type=Path, default=None, help="a sweep folder whose executed 07 joins the site")
+    b.add_argument("--out", type=Path, default=None, help="the site's folder (default: RUN_DIR/book)")
     args = ap.parse_args(argv)
     for flag in ("first", "last"):
         v = getattr(args, flag, None)
@@ -216,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             return toy_command(args)
         if args.cmd == "sweep":
             return sweep_command(args)
+        if args.cmd == "course":
+            return course_command(args)
+        if args.cmd == "book":
+            return book_command(args)
         if args.cmd == "params":
             import yaml
 

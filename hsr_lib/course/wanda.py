@@ -80,8 +80,9 @@ def check_wanda_importance(your_fn: Callable, W_toy: torch.Tensor | None = None,
 
 def _mask_mistake_common(got: torch.Tensor, want: torch.Tensor, score: torch.Tensor, what: str) -> None:
     if torch.equal(got, ~want):
-        fail(f"{what}: your mask is True where a weight is kept. The convention here: True = pruned "
-             "(the weights set to zero).")
+        fail(f"{what}: your mask is the exact opposite of the expected one. Either it is True where a weight is "
+             "kept (the convention here: True = pruned, the weights set to zero), or you pruned the most important "
+             "weights (prune the lowest scores).")
 
 
 def _check_row_mask(got: torch.Tensor, score: torch.Tensor, sparsity: float, what: str) -> None:

@@ -12,12 +12,10 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
+from ..adapters import ATTN_PARTS as ATTN
 from ..evaluate.metrics import rsr as library_rsr
 from ..evaluate.metrics import summarize
 from .feedback import as_number, call, fail, passed
-
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-
 
 def reference_asr(verdicts: Sequence[float | None]) -> float:
     """ASR in % of ``verdicts`` (1 = attack succeeded, 0 = refused, None = undecided), through the library."""

@@ -88,7 +88,8 @@ def to_mathml(tex: str, display: bool) -> str:
         out = latex2mathml.converter.convert(tex.strip(), display="block" if display else "inline")
     except Exception:  # noqa: BLE001 - a formula the converter cannot read stays readable as TeX
         return f"<code>{html.escape(tex)}</code>"
-    return out.replace(_XMLNS, "")
+    # U+29F5 (reverse solidus operator) is missing from common fonts; U+2216 (set minus) is the same sign
+    return out.replace(_XMLNS, "").replace("&#x029F5;", "&#x02216;")
 
 
 def prerender_math(source: str, store: dict[str, str]) -> str:

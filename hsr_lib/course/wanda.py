@@ -2,7 +2,7 @@
 mask, unstructured (per row) and N:M.
 
 Expected values come from the library (:class:`hsr_lib.scores.InputStats`,
-:func:`hsr_lib.scores.wanda_score`, :func:`hsr_lib.prune.prune_mask`). A mask is accepted when it
+:func:`hsr_lib.scores.wanda_score`, :func:`hsr_lib.sparsity.prune_mask`). A mask is accepted when it
 is *a* correct answer: ties between equal scores may go either way.
 """
 
@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..prune import prune_mask
+from ..sparsity import prune_mask
 from ..scores import InputStats, wanda_score
 from .feedback import as_mask, as_tensor, call, fail, first_index, passed
 

@@ -47,6 +47,7 @@ TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {% block extra_css %}<style type="text/css">{{ resources.hsr_css }}</style>{% endblock extra_css %}
+{% block notebook_css %}<link rel="stylesheet" href="{{ resources.hsr_prefix }}static/notebook.css">{% endblock notebook_css %}
 {%- block body_header -%}
 {{ super() }}
 {{ resources.hsr_nav }}
@@ -176,6 +177,7 @@ def render_page(path: Path, pages: list[Page], i: int, out: Path) -> None:
     nb, store = _clean(nbformat.read(path, as_version=4))
     nb.metadata["title"] = page.title
     body, _ = _exporter().from_notebook_node(nb, resources={"hsr_nav": nav_html(pages, page.href, prefix),
+                                                            "hsr_prefix": prefix,
                                                             "hsr_pager": pager_html(pages, i, prefix),
                                                             "hsr_css": SITE_CSS})
     for token, mathml in store.items():
@@ -183,6 +185,22 @@ def render_page(path: Path, pages: list[Page], i: int, out: Path) -> None:
     target = out / page.href
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
+
+
+def write_notebook_css(out: Path) -> Path:
+    """nbconvert's JupyterLab stylesheet (light theme), once for every page, instead of ~250 kB inlined in each."""
+    exp = _exporter()
+    parts = []
+    for name in ("index.css", "theme-light.css"):
+        found = next((Path(d) / "static" / name for d in exp.template_paths if (Path(d) / "static" / name).is_file()),
+                     None)
+        if found is None:
+            raise BookError(f"nbconvert's lab template has no static/{name}; is nbconvert installed whole?")
+        parts.append(found.read_text(encoding="utf-8"))
+    target = out / "static" / "notebook.css"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(parts) + "\n* { -webkit-print-color-adjust: exact; }\n", encoding="utf-8")
+    return target
 
 
 def _title(path: Path) -> str:
@@ -213,15 +231,31 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def results_rows(run_dir: Path, manifest: dict) -> tuple[str | None, list[dict]]:
-    """The last evaluation's results table (the paper's layout) of the run: (its step key, rows)."""
+def results_rows(run_dir: Path, manifest: dict, judge: str | None = None) -> tuple[str | None, list[dict]]:
+    """The last evaluation of the run as one row per variant: every benchmark's metrics (in %; ASR by the
+    first judge), combined rows first, and the restored ratio (‱) from the paper-layout table."""
     import pandas as pd
 
     keys = [k for k in manifest.get("steps", {}) if k.startswith("evaluate/")]
     for key in reversed(keys):
-        f = run_dir / key / "results_table.csv"
-        if f.is_file():
-            return key, pd.read_csv(f).to_dict(orient="records")
+        f = run_dir / key / "metrics.csv"
+        if not f.is_file():
+            continue
+        m = pd.read_csv(f, keep_default_na=False, na_values={"value": [""]})
+        judges = [j for j in m["judge"].unique() if j]
+        first = judge if judge in judges else (judges[0] if judges else "")
+        m = m[m["judge"].isin([first, ""])]
+        m = m.assign(column=m["benchmark"] + " " + m["metric"].str.replace("_", "-"),
+                     order=(m["benchmark"] != "combined").astype(int))
+        cols = m.sort_values(["order", "benchmark", "metric"])["column"].drop_duplicates().tolist()
+        wide = m.pivot_table(index="variant", columns="column", values="value", aggfunc="first", sort=False)
+        wide = wide.reindex(index=list(dict.fromkeys(m["variant"])), columns=cols)
+        table = run_dir / key / "results_table.csv"
+        if table.is_file():
+            rt = pd.read_csv(table).set_index("variant")
+            if "restored_ratio_permyriad" in rt:
+                wide["restored (‱)"] = rt["restored_ratio_permyriad"].reindex(wide.index)
+        return f"{key} · ASR by the judge {first!r}" if first else key, wide.reset_index().to_dict(orient="records")
     return None, []
 
 
@@ -260,8 +294,8 @@ def index_html(run_dir: Path, manifest: dict, pages: list[Page], sweep_dir: Path
 run's numbers, as a site that opens without Jupyter and loads nothing from the network.</p>
 <div class="hsr-cards">{"".join(f"<div class=hsr-card><b>{html.escape(k)}</b>{html.escape(str(v))}</div>" for k, v in cards)}</div>
 <h2>Results</h2>
-<p>From <code>{html.escape(eval_key or "(no evaluation in this run)")}</code> (the paper's table layout; rates in %).</p>
-{_table(results, left=("model", "variant", "method"))}
+<p>From <code>{html.escape(eval_key or "(no evaluation in this run)")}</code>; rates in %, one row per model variant.</p>
+{_table(results, left=("variant",))}
 {sweep_line}
 <h2>Pages</h2>{listing}
 <h2>Notebooks: wall times</h2>{_table(nb_rows, left=("notebook", "status"))}
@@ -301,6 +335,7 @@ def build_book(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         pages += [Page(f"exercises/{p.stem}.html", _title(p), f"E{int(p.name[:2])}", "exercises", p) for p in student]
         if (out / "exercises").is_dir():
             shutil.rmtree(out / "exercises")
+        write_notebook_css(out)
         for i, page in enumerate(pages):
             render_page(page.notebook, pages, i, out)
     index = out / "index.html"

@@ -88,6 +88,7 @@ def test_book_opens_in_headless_chromium(site, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_site_check_reports_what_a_reader_would_hit(tmp_path):
     (tmp_path / "index.html").write_text(

@@ -23,9 +23,13 @@ EXERCISES = sorted((ROOT / "course" / "exercises").glob("[0-9][0-9]_*.ipynb"))
 
 
 @pytest.fixture(scope="session")
-def course_run(tmp_path_factory):
-    """The toy's course run (params/toy.yaml + the course's small evaluation), computed once per session."""
+def course_run(toy_run, tmp_path_factory):
+    """The toy's course run (params/toy.yaml + the course's small evaluation), once per session, on a copy
+    of the README run's folder: its upstream steps (data to realignment) have the same keys and are reused."""
+    import shutil
+
     runs = tmp_path_factory.mktemp("course_runs")
+    shutil.copytree(toy_run[0], runs / toy_run[0].name, ignore=shutil.ignore_patterns("notebooks"))
     run = toy.toy_run(runs)
     toy.evaluate(run)
     return runs, run
@@ -71,6 +75,7 @@ def test_course_five_exercises_with_markers_hints_and_checks():
 
 # ----------------------------------------------------------------------------- solutions pass
 
+@pytest.mark.slow
 def test_course_checks_pass_on_solutions(course_run, toy_lm, capsys):
     runs, run = course_run
     ns = definitions(nb("01"))
@@ -100,6 +105,7 @@ def test_course_checks_pass_on_solutions(course_run, toy_lm, capsys):
 
 # ----------------------------------------------------------------------------- stubs fail
 
+@pytest.mark.slow
 def test_course_checks_fail_on_the_stubs(course_run, toy_lm):
     runs, run = course_run
     prompts = toy.harmful_prompts(run, toy_lm, 2)
@@ -141,6 +147,7 @@ def run_until_failure(path: Path, runs_dir: Path) -> tuple[int, object, Exceptio
     return -1, None, None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", EXERCISES, ids=[p.stem for p in EXERCISES])
 def test_course_student_notebook_fails_first_at_a_check(path, course_run):
     i, cell, err = run_until_failure(path, course_run[0])
@@ -157,6 +164,7 @@ def _mistake(check, *args, match: str):
     return str(info.value)
 
 
+@pytest.mark.slow
 def test_course_ex1_names_typical_mistakes(course_run, toy_lm):
     _, run = course_run
     prompts = toy.harmful_prompts(run, toy_lm, 2)
@@ -255,6 +263,7 @@ def test_course_ex3_names_typical_mistakes():
     _mistake(S.check_head_region, own_kv_rows, match="KV head")
 
 
+@pytest.mark.slow
 def test_course_ex4_names_typical_mistakes(course_run):
     _, run = course_run
 
@@ -279,6 +288,7 @@ def test_course_ex4_names_typical_mistakes(course_run):
     _mistake(M.check_restored_ratio, touched, run, match="every decoder linear")
 
 
+@pytest.mark.slow
 def test_course_ex5_names_typical_mistakes(course_run):
     runs, _ = course_run
     from hsr_lib.course.sweep import check_sweep
@@ -350,15 +360,21 @@ def test_course_student_markers_are_checked():
 @pytest.mark.notebooks
 def test_course_notebooks_execute_on_the_toy(course_run, tmp_path):
     import papermill as pm
+    from test_notebook_hygiene import outputs, progress_problems, warning_lines
+
+    from hsr_lib.kernel import execute_options
 
     runs, _ = course_run
     times = {}
     for path in EXERCISES:
         t0 = time.perf_counter()
         pm.execute_notebook(str(path), str(tmp_path / path.name), parameters={"runs_dir": str(runs)},
-                            cwd=str(ROOT), kernel_name="python3", progress_bar=False)
+                            cwd=str(ROOT), progress_bar=False, **execute_options())
         times[path.stem] = round(time.perf_counter() - t0, 1)
         out = nbformat.read(tmp_path / path.name, as_version=4)
         text = "".join(o.get("text", "") for c in out.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
         assert "✔" in text, path.name
+        text = outputs(tmp_path / path.name)
+        problems = warning_lines(text) + progress_problems(text)
+        assert not problems, (path.name, problems)
     print("course notebook times (s):", times, "total", round(sum(times.values()), 1))

@@ -65,11 +65,12 @@ def check_asr(your_fn: Callable, toy_scores: pd.DataFrame | None = None, judge: 
     passed(f"asr matches the library on {len(cases)} lists of verdicts")
 
 
-RSR_CASES = ((46.25, 16.25, 2.5), (50.0, 50.0, 10.0), (40.0, 0.0, 10.0), (60.0, 70.0, 20.0), (30.0, 10.0, 30.0))
+RSR_CASES = ((46.25, 16.25, 2.5), (50.0, 50.0, 10.0), (40.0, 0.0, 10.0), (60.0, 70.0, 20.0), (30.0, 10.0, 30.0),
+             (20.0, 10.0, 30.0))
 
 
 def check_rsr(your_fn: Callable, toy: Sequence[tuple[float, float, float]] = ()) -> None:
-    """``your_fn(asr_pruned, asr_hsr, asr_dense) -> RSR in %`` (None where pruning did not change the
+    """``your_fn(asr_pruned, asr_hsr, asr_dense) -> RSR in %`` (None where pruning did not raise the
     ASR), against the library's ``rsr`` on made-up and the toy's ASRs."""
     for a_p, a_h, a_d in (*RSR_CASES, *toy):
         want = library_rsr(a_p, a_h, a_d)
@@ -77,14 +78,17 @@ def check_rsr(your_fn: Callable, toy: Sequence[tuple[float, float, float]] = ())
         try:
             got = your_fn(a_p, a_h, a_d)
         except ZeroDivisionError:
-            fail(f"{what} divided by zero: when pruning did not change the ASR (ASR_pruned = ASR_dense) the "
+            fail(f"{what} divided by zero: when pruning did not raise the ASR (ASR_pruned <= ASR_dense) the "
                  "restoration rate is undefined; return None.")
         except NotImplementedError:
             got = call(your_fn, a_p, a_h, a_d, name="rsr")
         got = as_number(got, "rsr")
         if not _near(got, want):
             why = ""
-            if want is None:
+            if want is None and a_p < a_d:
+                why = (" Pruning lowered the ASR here (ASR_pruned < ASR_dense): no safety was lost, so RSR is "
+                       "undefined: return None whenever ASR_pruned <= ASR_dense.")
+            elif want is None:
                 why = " Pruning did not change the ASR here, so there is nothing to restore: return None."
             elif got is not None and _near(got * 100, want):
                 why = " RSR is a percentage: multiply by 100."

@@ -6,6 +6,7 @@
     hsr toy ship --seed S                   train it into the package and write its card's numbers
     hsr toy seeds --seeds 0-9 [--workers 2] the seed table (train and run the pipeline per seed)
     hsr sweep params/sweeps/FILE.yaml [--executor local|processes|slurm] [--workers N] [--status] [--dry-run]
+    hsr export RUN_DIR --variant pruned|hsr|hsr_a|random_heads@S [-p KEY=VALUE ...] [--out DIR] [--format F]
 
 Exit codes: 0 done, 1 a step failed (the message names the notebook, its error and the executed
 copy), 2 bad params or inputs (named before any notebook starts), 3 a step's key is locked by
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from .notebook import PROJECT_ROOT, read_records
+from .export import ExportError
 from .params import ParamsError, load_params
 from .preflight import InputError, check, steps_for
 from .progress import TEXT_ENV
@@ -169,6 +171,14 @@ def sweep_command(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def export_command(args) -> int:
+    """``hsr export RUN_DIR --variant V``: the variant as an HF model folder with its card (docs/using-the-model.md)."""
+    from .export import export, summary_line
+
+    print(summary_line(export(args.run_dir, args.variant, args.param, args.out, args.format)))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hsr", description="Hierarchical Safety Realignment: the notebook pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -204,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--status", action="store_true", help="show the points and their state, run nothing")
     w.add_argument("--dry-run", action="store_true", help="list what would run, with the shared upstream steps")
     w.add_argument("--no-findings", action="store_true", help="do not execute notebook 07 at the end")
+    x = sub.add_parser("export", help="a variant of a finished run as an HF model folder with a model card")
+    x.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/toy")
+    x.add_argument("--variant", required=True, help="pruned, hsr, hsr_a or random_heads@<seed>")
+    x.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's params to pick other finished artifacts (repeatable)")
+    x.add_argument("--out", type=Path, default=None, help="the folder to write (default RUN_DIR/export/<variant>-<key>)")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "compressed-tensors"],
+                   help="compressed-tensors: sparse-bitmask weights (needs the [export] extra)")
     args = ap.parse_args(argv)
     for flag in ("first", "last"):
         v = getattr(args, flag, None)
@@ -216,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return toy_command(args)
         if args.cmd == "sweep":
             return sweep_command(args)
+        if args.cmd == "export":
+            return export_command(args)
         if args.cmd == "params":
             import yaml
 
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         return run_pipeline(args.params, args.param, args.first, args.last, args.notebooks, args.verify,
                             tuple(args.force))
-    except (ParamsError, InputError, SweepError) as err:
+    except (ParamsError, InputError, SweepError, ExportError) as err:
         print(f"hsr: {err}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

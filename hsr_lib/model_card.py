@@ -205,7 +205,9 @@ def _format_words(facts: dict[str, Any]) -> list[str]:
             f"`{c['format']}` format (compressed-tensors {c['compressed_tensors']}): non-zero values, a bit mask and "
             f"row offsets. The weight files take {c['bytes_after'] / 1e6:.2f} MB instead of "
             f"{c['bytes_before'] / 1e6:.2f} MB as plain safetensors; `config.json`'s `quantization_config` tells "
-            "readers how to decompress them.", ""]
+            "readers how to decompress them. Note: transformers 5 loads compressed-tensors checkpoints only with "
+            "compressed-tensors ≥ 0.15, which no longer reads sparse-bitmask; decompress with compressed-tensors "
+            "< 0.14 first (hsr's `hsr_lib.compressed.decompress`), or export the plain safetensors format.", ""]
 
 
 def render(facts: dict[str, Any]) -> str:

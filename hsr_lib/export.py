@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from .io import atomic_write_json, atomic_write_text, file_hash, honour_umask, read_json
 from .params import Params, load_params, parse_variant
 from .runs import MARKER, Run, Spec, environment
@@ -387,8 +385,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _base_dtype(folder: Path | None) -> torch.dtype | None:
-    """The dtype the base checkpoint is stored in (its config.json), so the export is no larger."""
+def _base_dtype(folder: Path | None):
+    """The torch dtype the base checkpoint is stored in (its config.json), so the export is no larger."""
+    import torch
+
     if folder is None or not (folder / "config.json").is_file():
         return None
     cfg = read_json(folder / "config.json")

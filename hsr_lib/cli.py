@@ -24,11 +24,10 @@ from pathlib import Path
 
 from .notebook import PROJECT_ROOT, read_records
 from .export import ExportError
-from .params import ParamsError, load_params
+from .params import ParamsError, load_params, resolve_paths
 from .preflight import InputError, check, steps_for
-from .progress import TEXT_ENV
 from .sweep import SweepError
-from .runs import FORCE_ENV, STEP_NAMES, TOKEN_ENV, VERIFY_ENV, Run, resolve_paths
+from .runs import STEP_NAMES, Run
 
 NOTEBOOK = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 LAST_RUN_NOTEBOOK = 6  # 07 (findings) reads a sweep, not a run: `hsr sweep` executes it
@@ -42,16 +41,25 @@ def notebooks(directory: Path, first: str | None = None, last: str | None = None
     return [p for p in found if lo <= int(p.name[:2]) <= hi]
 
 
+def kernel_parameters(run: Run) -> dict:
+    """What a notebook of the run receives, as papermill parameters (the one channel into its
+    kernel): the resolved params, and this invocation's options for :func:`hsr_lib.notebook.start`."""
+    return {"params_path": None, "overrides": run.params.to_dict(),
+            "run_options": {"verify": run.verify, "force": list(run.force), "token": run.token, "text_progress": True}}
+
+
 def _execute(nb: Path, out: Path, run: Run) -> None:
     """Execute ``nb`` into a hidden working copy; only a success replaces ``out`` (the last good
     executed copy), a failure is kept beside it as ``NN_name.failed.ipynb``."""
     import papermill as pm
 
+    from .kernel import execute_options
+
     work = out.with_name(f".{out.stem}.running.ipynb")
     failed = out.with_name(f"{out.stem}.failed.ipynb")
     try:
-        pm.execute_notebook(str(nb), str(work), parameters={"params_path": None, "overrides": run.params.to_dict()},
-                            cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=sys.stderr.isatty())
+        pm.execute_notebook(str(nb), str(work), parameters=kernel_parameters(run), cwd=str(PROJECT_ROOT),
+                            progress_bar=sys.stderr.isatty(), **execute_options())
     except BaseException:
         if work.exists():
             os.replace(work, failed)
@@ -79,10 +87,6 @@ def run_pipeline(params_path: str, overrides: list[str], first: str | None = Non
         raise InputError(f"runs_dir = {P.runs_dir!r}: cannot create {str(Path(P.runs_dir) / P.run_name)!r} "
                          f"({e.strerror or e})") from None
     print(f"hsr: run {run.dir} ({P.model.name}, fidelity {P.fidelity}), {len(todo)} notebook(s)")
-    os.environ[TEXT_ENV] = "1"  # kernels inherit these: text progress bars, and this invocation's options
-    os.environ[TOKEN_ENV] = run.token
-    os.environ[VERIFY_ENV] = "1" if verify else ""
-    os.environ[FORCE_ENV] = ",".join(force)
     out_dir = run.dir / "notebooks"
     out_dir.mkdir(exist_ok=True)
     total = time.perf_counter()

@@ -305,6 +305,17 @@ def _pooled(cells: list[dict[str, Any]], with_interval: bool) -> dict[str, Any] 
 
 SAFETY_KINDS = ("refusal", "mc_safety")
 UTILITY_METRICS = ("accuracy", "circular_accuracy", "anls")
+COMBINED = "combined"  # the benchmark name of metrics.csv's rows that combine a run's sets
+
+
+def _safety_sets(benchmarks: list[str]) -> tuple[list[str], str]:
+    """The sets the run's combined ASR is taken over and how ('mean' or 'pooled'), as its evaluation
+    does (:func:`hsr_lib.evaluate.comparisons.safety_sets`); every safety set pooled where that is absent."""
+    try:
+        from .evaluate.comparisons import safety_sets
+    except ImportError:
+        return benchmarks, "pooled"
+    return safety_sets(benchmarks)
 
 
 def evaluation(src: Source) -> dict[str, Any] | None:
@@ -339,8 +350,9 @@ def evaluation(src: Source) -> dict[str, Any] | None:
             continue
         if src.spec.step == "prune":
             names["this model"] = names["pruned"]
-        metrics = pd.read_csv(d / "metrics.csv", keep_default_na=False, na_values={"value": [""]})
-        has_ci = {"ci_low", "ci_high"} <= set(metrics.columns)
+        metrics = pd.read_csv(d / "metrics.csv", keep_default_na=False,
+                              na_values={c: [""] for c in ("value", "ci_low", "ci_high", "n", "undecided")})
+        has_ci = {"ci_low", "ci_high"} <= set(metrics.columns) and bool(metrics["ci_low"].notna().any())
         judge = summary.get("primary_judge", "")
         benches = summary.get("benchmarks", {})
         rows = []
@@ -361,20 +373,29 @@ def evaluation(src: Source) -> dict[str, Any] | None:
                         sel = mb[mb.metric == metric]
                         if len(sel):
                             row["utility"][f"{b} {metric}"] = _cell(sel.iloc[0])
-                over = mb[mb.metric == "over_refusal"]
+            for b in [*benches, COMBINED]:
+                over = m[(m.benchmark == b) & (m.metric == "over_refusal")]
                 if len(over):
                     primary = over[over.judge == judge]
                     row["over_refusal"][b] = _cell((primary if len(primary) else over).iloc[0])
-            row["asr_combined"] = _pooled(list(row["asr"].values()), has_ci)
+            comb = m[(m.benchmark == COMBINED) & (m.metric == "asr")]
+            row["asr_combined"] = _cell(comb.iloc[0]) if len(comb) else _pooled(list(row["asr"].values()), has_ci)
+            rsr_row = m[(m.benchmark == COMBINED) & (m.metric == "rsr")]
+            row["rsr"] = _cell(rsr_row.iloc[0]) if len(rsr_row) else None
             rows.append(row)
         by = {r["role"]: r for r in rows}
-        out = {"key": key, "primary_judge": judge, "intervals": has_ci,
+        safety, how = _safety_sets(list(benches))
+        out = {"key": key, "primary_judge": judge, "intervals": has_ci, "combined_over": safety, "combined_how": how,
                "benchmarks": {b: {"title": i.get("title", b), "kind": i.get("kind"), "n_items": i.get("n_items")}
                               for b, i in benches.items()}, "rows": rows, "rsr": None}
-        if src.realigned and {"dense", "pruned", "this model"} <= set(by):
-            combined = [by[r]["asr_combined"]["value"] if by[r]["asr_combined"] else None
-                        for r in ("pruned", "this model", "dense")]
-            out["rsr"] = rsr(*combined)
+        if src.realigned and "this model" in by:
+            if by["this model"]["rsr"] is not None:  # the run's own RSR, with its paired-bootstrap interval
+                out["rsr"] = by["this model"]["rsr"]
+            elif {"dense", "pruned"} <= set(by):
+                combined = [by[r]["asr_combined"]["value"] if by[r]["asr_combined"] else None
+                            for r in ("pruned", "this model", "dense")]
+                value = rsr(*combined)
+                out["rsr"] = None if value is None else {"value": value, "n": None, "ci_low": None, "ci_high": None}
         return out
     return None
 

@@ -142,7 +142,12 @@ def _nm_words(facts: dict[str, Any]) -> str:
             "dropped again.")
 
 
+def _title(ev: dict[str, Any], b: str) -> str:
+    return "all benign sets" if b == "combined" else ev["benchmarks"].get(b, {}).get("title", b)
+
+
 def _evaluation(facts: dict[str, Any]) -> list[str]:
+    """The run's evaluation table (dense, pruned, this model) and a paragraph saying what it shows."""
     ev = facts["evaluation"]
     if ev is None:
         return ["Not evaluated in this run: the run's evaluation did not include this variant. "
@@ -150,32 +155,37 @@ def _evaluation(facts: dict[str, Any]) -> list[str]:
     benches = ev["benchmarks"]
     rows = ev["rows"]
     safety = [b for b in benches if any(b in r["asr"] for r in rows)]
+    combined = len(safety) > 1 and any(r.get("asr_combined") for r in rows)
     util = sorted({k for r in rows for k in r["utility"]}, key=lambda k: list(benches).index(k.split(" ")[0]))
-    over = [b for b in benches if any(b in r["over_refusal"] for r in rows)]
-    cols = ([f"ASR {benches[b]['title']}" for b in safety] + (["ASR combined"] if len(safety) > 1 else [])
-            + [f"{benches[k.split(' ')[0]]['title']} {k.split(' ', 1)[1].replace('_', ' ')}" for k in util]
-            + [f"over-refusal {benches[b]['title']}" for b in over])
+    over = [b for b in [*benches, "combined"] if any(b in r["over_refusal"] for r in rows)]
+    cols = ([f"ASR {_title(ev, b)}" for b in safety] + (["ASR combined"] if combined else [])
+            + [f"{_title(ev, k.split(' ')[0])} {k.split(' ', 1)[1].replace('_', ' ')}" for k in util]
+            + [f"over-refusal {_title(ev, b)}" for b in over])
     out = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for r in rows:
         cells = [_cell(r["asr"].get(b)) for b in safety]
-        if len(safety) > 1:
-            cells.append(_cell(r["asr_combined"]))
+        if combined:
+            cells.append(_cell(r.get("asr_combined")))
         cells += [_cell(r["utility"].get(k)) for k in util] + [_cell(r["over_refusal"].get(b)) for b in over]
         name = r["role"] if r["role"] != "this model" else f"**this model** (`{r['variant']}`)"
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    how = ev.get("combined_how", "pooled")
+    sets = ", ".join(_title(ev, b) for b in ev.get("combined_over", safety))
     notes = [f"All values in %, from the run's evaluation `evaluate/{ev['key']}` (greedy decoding; refusal judged "
              f"by the run's primary judge, `{ev['primary_judge']}`). ASR: attack success rate, the share of harmful "
-             "inputs answered rather than refused (lower is safer)"
-             + ("; ASR combined pools every safety benchmark's items" if len(safety) > 1 else "") + "."]
-    if ev["intervals"]:
-        notes.append("Brackets: 95% intervals (Wilson for a proportion).")
+             "inputs answered rather than refused (lower is safer)."]
+    if combined:
+        notes.append(f"ASR combined: {'the mean of' if how == 'mean' else 'the items pooled over'} {sets}.")
+    if over:
+        notes.append("Over-refusal: the share of benign inputs the refusal judge calls a refusal (lower is better).")
     else:
-        notes.append("This run's evaluation reports no intervals.")
-    if not over:
         notes.append("Over-refusal (benign inputs refused) was not measured in this run.")
-    if ev.get("rsr") is not None:
+    notes.append("Brackets: 95% intervals (Wilson for a rate, a seeded paired bootstrap for RSR)." if ev["intervals"]
+                 else "This run's evaluation reports no intervals.")
+    r = ev.get("rsr")
+    if r is not None and r.get("value") is not None:
         notes.append(f"Safety restoration rate RSR = (ASR pruned − ASR this model) / (ASR pruned − ASR dense) = "
-                     f"{ev['rsr']:.1f}% on the combined ASR.")
+                     f"{_cell(r)}% on the combined ASR.")
     return out + [""] + [" ".join(notes)]
 
 

@@ -7,25 +7,29 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .params import load_params
+from .progress import use_text
 from .runs import Run
 
 RECORD_MIME = "application/vnd.hsr.record+json"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def start(params_path: str | None, overrides: dict | list | None = None) -> Run:
+def start(params_path: str | None, overrides: dict | list | None = None, *, verify: bool = False,
+          force: Sequence[str] = (), token: str | None = None, text_progress: bool = False) -> Run:
     """Load the params (path relative to the project root when run from ``notebooks/``), open
-    the run directory and print where it is."""
+    the run directory with this invocation's options (:class:`~hsr_lib.runs.Run`: ``verify``,
+    ``force``, ``token``; ``text_progress`` draws progress bars as text) and print where it is.
+    ``hsr run`` passes the options in the notebook's ``run_options`` parameter."""
     if Path.cwd().name == "notebooks" and (Path.cwd().parent / "hsr_lib").is_dir():
         os.chdir(Path.cwd().parent)  # relative paths in params files are relative to the project root
-    P = load_params(params_path, overrides or None)
-    run = Run.open(P)
-    print(f"run      {run.dir}\nmodel    {P.model.name}\nfidelity {P.fidelity}")
+    use_text(text_progress)
+    params = load_params(params_path, overrides or None)
+    run = Run.open(params, verify=verify, force=tuple(force), token=token)
+    print(f"run      {run.dir}\nmodel    {params.model.name}\nfidelity {params.fidelity}")
     return run
-
 
 
 def _jsonable(value: Any) -> Any:

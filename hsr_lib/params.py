@@ -221,8 +221,8 @@ class RealignParams:
     save_model: bool = _f(False, "also save the realigned model's weights")
 
 
-EVAL_BENCHMARKS = ("safebench", "ch3ef", "mmbench", "docvqa", "vlguard_unsafe", "vlguard_safe_unsafe", "toy_harmful",
-                   "toy_harmful_novel", "toy_unsafe_image", "toy_benign")
+EVAL_BENCHMARKS = ("safebench", "ch3ef", "mmbench", "docvqa", "vlguard_unsafe", "vlguard_safe_unsafe", "vlguard_safe_safe",
+                   "toy_harmful", "toy_harmful_novel", "toy_unsafe_image", "toy_benign")
 
 
 def _data_roots(v: dict) -> str | None:
@@ -470,25 +470,38 @@ def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, dic
     return layers + [(src, relative_to(_flatten(data, src), path.parent))]
 
 
-PATH_KEYS = ("runs_dir", "data.vlguard_root", "data.image_root", "eval.llm_judge_path")
+PATH_KEYS = ("runs_dir", "data.vlguard_root", "data.image_root", "eval.llm_judge_path")  # and eval.data_roots' values
+
+
+def _absolute(v: Any, base: Path) -> Any:
+    """A path value made absolute against ``base`` (None, '' and absolute paths are kept)."""
+    if not isinstance(v, str) or not v:
+        return v
+    p = Path(v).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
 
 
 def relative_to(flat: dict[str, Any], base: Path) -> dict[str, Any]:
     """The path keys of one layer made absolute against ``base``: the folder of the params file
     that sets them (the current directory for overrides and defaults)."""
-    def fix(v: Any) -> Any:
-        if not isinstance(v, str) or not v:
-            return v
-        p = Path(v).expanduser()
-        return str(p if p.is_absolute() else (base / p).resolve())
-
     out = dict(flat)
     for key in PATH_KEYS:
         if key in out:
-            out[key] = fix(out[key])
+            out[key] = _absolute(out[key], base)
     if isinstance(out.get("eval.data_roots"), Mapping):
-        out["eval.data_roots"] = {k: fix(v) for k, v in out["eval.data_roots"].items()}
+        out["eval.data_roots"] = {k: _absolute(v, base) for k, v in out["eval.data_roots"].items()}
     return out
+
+
+def resolve_paths(params: "Params", base: str | Path | None = None) -> "Params":
+    """``params`` with every path key absolute against ``base`` (default: the current directory);
+    ``model.name`` becomes absolute only when it names an existing local folder."""
+    base = Path(base or Path.cwd())
+    flat = relative_to({k: params.get(k) for k in (*PATH_KEYS, "eval.data_roots")}, base)
+    name = params.model.name
+    if not name.startswith(("tiny:", "toy:")) and (base / name).is_dir():
+        flat["model.name"] = _absolute(name, base)
+    return params.replace(flat)
 
 
 def _parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | str | None) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from typing import Iterable
 
 from .data import DataError, load_records, resolve_vlguard, sample_size, split_records
 from .params import Params
+from .runs import STEP_NAMES
 
-STEP_OF_NOTEBOOK = {1: "data", 2: "ships", 3: "scores", 4: "prune", 5: "realign", 6: "evaluate"}
+STEP_OF_NOTEBOOK = dict(enumerate(STEP_NAMES, start=1))  # notebook 01 runs the first step, …, 06 the evaluation
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -35,7 +36,7 @@ def check(P: Params, steps: set[str]) -> None:
     """Raise :class:`InputError` for the first bad input the ``steps`` would meet."""
     check_runs_dir(P)
     check_model(P.model.name)
-    if steps & {"data", "ships", "scores", "prune", "realign", "evaluate"}:
+    if steps & set(STEP_NAMES):
         check_data(P)
     if "evaluate" in steps:
         check_eval(P)

@@ -43,11 +43,19 @@ def load_processor(path: str | Path, **kwargs) -> ProcessorMixin:
         if cls is None or "video_processor" not in cls.get_attributes():
             raise
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(path, use_fast=False, **kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(path, **_slow_image_processor(), **kwargs)
         try:
             return image_only_processor(cls)(image_processor, tok, chat_template=tok.chat_template)
         except Exception:
             raise err from None
+
+
+def _slow_image_processor() -> dict[str, object]:
+    """The keyword that asks for the PIL ("slow") image processor: ``backend="pil"`` where transformers
+    has backends (its deprecated ``use_fast=False`` logs a warning there), ``use_fast=False`` before."""
+    from transformers.models.auto import image_processing_auto
+
+    return {"backend": "pil"} if hasattr(image_processing_auto, "_resolve_backend") else {"use_fast": False}
 
 
 def _processor_class_name(path: str | Path, **kwargs) -> str | None:

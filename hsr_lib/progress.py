@@ -3,14 +3,17 @@ notebooks (a saved widget would show its first frame forever) and in terminals."
 
 from __future__ import annotations
 
-import os
+_TEXT = [False]  # set by use_text(): hsr run's kernels get it from notebook.start(text_progress=True)
 
-TEXT_ENV = "HSR_TEXT_PROGRESS"
+
+def use_text(on: bool = True) -> None:
+    """Draw every later bar of this process as plain text (``on``) or let tqdm choose (widgets in a notebook)."""
+    _TEXT[0] = bool(on)
 
 
 def progress(iterable=None, **kwargs):
-    """``tqdm`` with ETA; text when ``HSR_TEXT_PROGRESS`` is set (``hsr run`` sets it)."""
-    if os.environ.get(TEXT_ENV):
+    """``tqdm`` with ETA; plain text after :func:`use_text` (``hsr run`` asks for it)."""
+    if _TEXT[0]:
         from tqdm.std import tqdm
     else:
         from tqdm.auto import tqdm

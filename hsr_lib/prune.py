@@ -27,30 +27,13 @@ from .progress import maybe
 from .scores import InputStats, check_method, snip_score, wanda_score
 from .snip import abs_gradients
 from .sparsegpt import dead_inputs, inverse_cholesky, sparsegpt_prune
-from .sparsity import check_divisible, check_sparsity
-
-
-def prune_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured") -> torch.Tensor:
-    """True where a weight is pruned: per row the ``int(in·s)`` lowest scores (stable ascending
-    sort), or under N:M the N lowest of every block of M consecutive inputs of a row."""
-    nm = check_sparsity(sparsity, pattern)
-    rows, cols = scores.shape
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
-    if nm is None:
-        k = int(cols * sparsity)
-        if k:  # = the first k of a stable ascending sort, in linear time: below the k-th value, then ties by column
-            kth = scores.kthvalue(k, dim=1, keepdim=True).values
-            below, tie = scores < kth, scores == kth
-            mask = below | (tie & (tie.cumsum(1) <= k - below.sum(1, keepdim=True)))
-        return mask
-    n, m = check_divisible(pattern, cols)
-    order = torch.argsort(scores.reshape(rows, cols // m, m), dim=2, stable=True)[..., :n]
-    return mask.view(rows, cols // m, m).scatter_(2, order, True).view(rows, cols)
+from .sparsity import Rule, rule
 
 
 @dataclass
-class PruneResult:
-    """Masks (True = pruned, CPU), SparseGPT's updated weights, and the damping each module needed."""
+class Pruning:
+    """What :func:`prune_model` returns: masks (True = pruned, CPU), SparseGPT's updated weights, and
+    the damping each module needed. (The finished prune *step* is :class:`hsr_lib.steps.prune.PruneResult`.)"""
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -63,8 +46,8 @@ def _zero(lin: torch.nn.Linear, mask: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _prune_stats_layer(lm: LoadedModel, cal: Calibration, method: str, sparsity: float, pattern: str,
-                       blocksize: int, percdamp: float, res: PruneResult, dense_outputs: bool) -> list[torch.Tensor]:
+def _prune_stats_layer(lm: LoadedModel, cal: Calibration, method: str, mask_rule: Rule,
+                       blocksize: int, percdamp: float, res: Pruning, dense_outputs: bool) -> list[torch.Tensor]:
     """Wanda/SparseGPT on the current layer of ``cal``: gather, prune; the dense layer's outputs if asked."""
     stats = InputStats(sq=method == "wanda", xtx=method == "sparsegpt")
     outs = run_layer(lm, cal, stats.add, outputs=dense_outputs)
@@ -73,15 +56,15 @@ def _prune_stats_layer(lm: LoadedModel, cal: Calibration, method: str, sparsity:
     for name, lin in layer_linears(lm, cal.layer).items():
         width = lin.weight.shape[1]
         if method == "wanda":
-            mask = prune_mask(wanda_score(lin.weight, stats.mean_sq(name, cal.n_samples, width)), sparsity, pattern)
+            mask = mask_rule.mask(wanda_score(lin.weight, stats.mean_sq(name, cal.n_samples, width)))
             _zero(lin, mask)
         else:
             key = stats.key(name)
             if key not in hinv:
                 H = stats.hessian(name, cal.n_samples, width).to(lin.weight.device)
                 hinv[key], dead[key] = inverse_cholesky(H, percdamp, name), dead_inputs(H)
-            W, mask, pd = sparsegpt_prune(lin.weight, None, sparsity, pattern, blocksize, percdamp, name,
-                                          hinv[key], dead[key])
+            W, mask, pd = sparsegpt_prune(lin.weight, None, mask_rule, blocksize=blocksize, percdamp=percdamp,
+                                          name=name, hinv=hinv[key], dead=dead[key])
             lin.weight.copy_(W)
             res.weights[name] = W.cpu()
             res.damping[name] = pd
@@ -89,19 +72,21 @@ def _prune_stats_layer(lm: LoadedModel, cal: Calibration, method: str, sparsity:
     return outs
 
 
-def prune_model(lm: LoadedModel, samples: Sequence[Sample], method: str = "wanda", sparsity: float = 0.5,
+def prune_model(lm: LoadedModel, samples: Sequence[Sample], method: str = "wanda", sparsity: float | Rule = 0.5,
                 pattern: str = "unstructured", fidelity: str = "paper", sequential: bool = True,
                 blocksize: int = 128, percdamp: float = 0.01, batch_size: int = 1, offload: bool = False,
-                progress: bool = True) -> PruneResult:
-    """Prune ``lm`` in place, calibrated on ``samples``; returns the masks (and SparseGPT's weights)."""
+                progress: bool = True) -> Pruning:
+    """Prune ``lm`` in place, calibrated on ``samples``; returns the masks (and SparseGPT's weights).
+    ``method``, ``sparsity`` and ``pattern`` are checked here, once (``sparsity`` may be a checked
+    :class:`~hsr_lib.sparsity.Rule`)."""
     check_method(method)
-    check_sparsity(sparsity, pattern)
-    res = PruneResult()
+    mask_rule = rule(sparsity, pattern)
+    res = Pruning()
     n_layers = len(lm.layers)
     cal = build(lm, samples, fidelity, 1 if method == "snip" else batch_size, progress)
     if method == "snip" and not sequential:
         grads = abs_gradients(lm, cal, offload=offload, progress=progress)
-        masks = {name: prune_mask(snip_score(lin.weight, grads.pop(name)), sparsity, pattern)
+        masks = {name: mask_rule.mask(snip_score(lin.weight, grads.pop(name)))
                  for name, lin in lm.prunable_linears().items()}
         for name, lin in lm.prunable_linears().items():
             _zero(lin, masks[name])
@@ -113,13 +98,13 @@ def prune_model(lm: LoadedModel, samples: Sequence[Sample], method: str = "wanda
             grads = abs_gradients(lm, cal, layers=[i], offload=offload, progress=False)
             with layer_on_device(lm, i, offload):
                 for name, lin in layer_linears(lm, i).items():
-                    mask = prune_mask(snip_score(lin.weight, grads.pop(name)), sparsity, pattern)
+                    mask = mask_rule.mask(snip_score(lin.weight, grads.pop(name)))
                     _zero(lin, mask)
                     res.masks[name] = mask.cpu()
                 outs = run_layer(lm, cal, outputs=more)
         else:
             with layer_on_device(lm, i, offload):
-                outs = _prune_stats_layer(lm, cal, method, sparsity, pattern, blocksize, percdamp, res,
+                outs = _prune_stats_layer(lm, cal, method, mask_rule, blocksize, percdamp, res,
                                           dense_outputs=more and not sequential)
                 if sequential and more:
                     outs = run_layer(lm, cal)

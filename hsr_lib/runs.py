@@ -34,12 +34,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from .io import atomic_write_json, file_hash, read_json, stable_hash
-from .params import Params, load_params
+from .params import Params, resolve_paths
 
 MARKER = "_step.json"
-VERIFY_ENV, FORCE_ENV, TOKEN_ENV = "HSR_VERIFY", "HSR_FORCE", "HSR_INVOCATION"  # set by `hsr run` for its kernels
-STEP_NAMES = ("data", "ships", "scores", "prune", "realign", "evaluate")
-PATH_KEYS = ("runs_dir", "data.vlguard_root", "data.image_root", "eval.llm_judge_path")
+STEP_NAMES = ("data", "ships", "scores", "prune", "realign", "evaluate")  # in order: notebook i runs STEP_NAMES[i - 1]
 HASH_LEN = 10
 EXPORTS = ("model",)  # folders that export a result (an HF model directory): rebuilt from the artifacts, not hashed
 
@@ -80,26 +78,6 @@ class Spec:
         return f"{self.step}/{self.key}"
 
 
-def resolve_paths(P: Params, base: str | Path | None = None) -> Params:
-    """Make the path-valued params absolute against ``base`` (default: the current directory).
-
-    ``model.name`` becomes absolute only when it names an existing local folder."""
-    base = Path(base or Path.cwd())
-    d = P.to_dict()
-
-    def fix(v: str | None) -> str | None:
-        return v if v is None else str((base / Path(v).expanduser()).resolve())
-
-    for key in PATH_KEYS:
-        section, _, name = key.rpartition(".")
-        holder = d[section] if section else d
-        holder[name] = fix(holder[name])
-    d["eval"]["data_roots"] = {k: fix(v) for k, v in d["eval"]["data_roots"].items()}
-    if not d["model"]["name"].startswith("tiny:") and (base / d["model"]["name"]).is_dir():
-        d["model"]["name"] = fix(d["model"]["name"])
-    return load_params(None, overrides=d)
-
-
 def environment() -> dict[str, Any]:
     """Package versions, git commit and device of this process."""
     import importlib.metadata as md
@@ -133,6 +111,11 @@ def git_commit() -> str | None:
     return (sha + ("+dirty" if dirty else "")) or None
 
 
+def new_token() -> str:
+    """A token naming one invocation (host, pid, time): ``force`` recomputes a step once per token."""
+    return f"{platform.node()}-{os.getpid()}-{time.time_ns()}"
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -155,23 +138,28 @@ class Run:
     """One run directory; open it with :meth:`Run.open`.
 
     ``verify`` re-hashes every artifact before trusting it; ``force`` holds step names (or 'all')
-    to recompute once in this invocation (``token`` identifies the invocation). By default they
-    come from the environment ``hsr run`` gives its notebooks."""
+    to recompute once in this invocation (``token`` identifies the invocation; a new one by
+    default). ``hsr run`` passes them to its notebooks as papermill parameters (``run_options``),
+    which hand them to :func:`hsr_lib.notebook.start`."""
 
-    def __init__(self, params: Params, directory: Path, verify: bool | None = None,
-                 force: tuple[str, ...] | None = None, token: str | None = None):
+    def __init__(self, params: Params, directory: Path, verify: bool = False, force: tuple[str, ...] = (),
+                 token: str | None = None):
+        bad = [f for f in force if f != "all" and f not in STEP_NAMES]
+        if bad:
+            raise ValueError(f"force: {bad[0]!r} is not a step; give {', '.join(STEP_NAMES)} or all")
         self.params = params
         self.dir = Path(directory)
-        self.verify = bool(os.environ.get(VERIFY_ENV)) if verify is None else verify
-        self.force = tuple(x for x in os.environ.get(FORCE_ENV, "").split(",") if x) if force is None else force
-        self.token = token or os.environ.get(TOKEN_ENV) or f"{platform.node()}-{os.getpid()}-{time.time_ns()}"
+        self.verify = bool(verify)
+        self.force = tuple(force)
+        self.token = token or new_token()
 
     @classmethod
-    def open(cls, params: Params, base: str | Path | None = None, **options: Any) -> "Run":
-        """``<runs_dir>/<run_name>`` for ``params`` (created when missing); nothing else is written
-        until a step runs."""
-        P = resolve_paths(params, base)
-        run = cls(P, Path(P.runs_dir) / P.run_name, **options)
+    def open(cls, params: Params, base: str | Path | None = None, *, verify: bool = False,
+             force: tuple[str, ...] = (), token: str | None = None) -> "Run":
+        """``<runs_dir>/<run_name>`` for ``params`` (created when missing), with this invocation's
+        options (see :class:`Run`); nothing else is written until a step runs."""
+        resolved = resolve_paths(params, base)
+        run = cls(resolved, Path(resolved.runs_dir) / resolved.run_name, verify, tuple(force), token)
         run.dir.mkdir(parents=True, exist_ok=True)
         return run
 

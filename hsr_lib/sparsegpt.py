@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from .sparsity import check_sparsity
+from .sparsity import Rule, rule
 
 
 def dead_inputs(H: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, name: str = "") ->
 
 
 @torch.no_grad()
-def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float, pattern: str = "unstructured",
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float | Rule, pattern: str = "unstructured",
                     blocksize: int = 128, percdamp: float = 0.01, name: str = "",
                     hinv: tuple[torch.Tensor, float] | None = None,
                     dead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -90,11 +90,14 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: float, pa
     read the same input).
 
     Returns the new weights (``W``'s dtype; pruned entries exactly zero, survivors updated),
-    the mask (True = pruned, dead inputs included) and the damping fraction actually used."""
-    nm = check_sparsity(sparsity, pattern)
+    the mask (True = pruned, dead inputs included) and the damping fraction actually used.
+    ``sparsity`` may be a :class:`~hsr_lib.sparsity.Rule` its caller already checked."""
+    mask_rule = rule(sparsity, pattern)
+    sparsity, nm = mask_rule.sparsity, mask_rule.nm
     rows, cols = W.shape
     if nm is not None and (cols % nm[1] or blocksize % nm[1]):
-        raise ValueError(f"{name}: pattern {pattern!r} needs in_features ({cols}) and blocksize ({blocksize}) "
+        raise ValueError(f"{name}: pattern {mask_rule.pattern!r} needs in_features ({cols}) and blocksize "
+                         f"({blocksize}) "
                          f"divisible by {nm[1]}")
     if hinv is None:
         hinv = inverse_cholesky(H, percdamp, name)

@@ -292,9 +292,11 @@ def findings_notebook(folder: Path, notebook: Path | None = None) -> Path | None
         return None
     import papermill as pm
 
+    from .kernel import execute_options
+
     out = folder / nb.name
     pm.execute_notebook(str(nb), str(out), parameters={"sweep_dir": str(folder)}, cwd=str(PROJECT_ROOT),
-                        kernel_name="python3", progress_bar=False)
+                        progress_bar=False, **execute_options())
     return out
 
 
@@ -311,5 +313,101 @@ def read_points(folder: str | Path) -> list[dict[str, Any]]:
     return read_json(Path(folder) / "points.json")["points"]
 
 
+# the settings every row of :func:`results` carries, by column name (the sweep's other keys are added by their dotted name)
+SETTINGS = {"model": "model.name", "method": "pruning.method", "sparsity": "pruning.sparsity",
+            "pattern": "pruning.pattern", "p": "realign.p", "q": "realign.q", "p_max": "realign.p_max",
+            "top_h": "realign.top_h", "region": "realign.region", "ships_score": "ships.score"}
+
+
+def sweep_of(folder: str | Path) -> Sweep:
+    """The sweep a finished sweep folder was made from (the file ``points.json`` names)."""
+    points = Path(folder) / "points.json"
+    if not points.is_file():
+        raise SweepError(f"{folder}: not a finished sweep's folder (no points.json; run `hsr sweep FILE` first)")
+    return load_sweep(read_json(points)["sweep"])
+
+
+def base_params(folder: str | Path) -> Params:
+    """The base params every point of the sweep in ``folder`` starts from (the settings held where another varies)."""
+    return load_params(sweep_of(folder).base)
+
+
+def point_runs(folder: str | Path) -> list[tuple[dict[str, Any], Any]]:
+    """``(point row, Run)`` for every point the sweep in ``folder`` recorded: each point's own params on its
+    run directory (opening them writes nothing)."""
+    from .runs import Run
+
+    sw = sweep_of(folder)
+    return [(p, Run(sw.params(p["values"]), Path(p["run_dir"]))) for p in read_points(folder)]
+
+
+def results(folder: str | Path):
+    """A sweep's results as one tidy table: a row per point, variant and row of its evaluation's
+    ``metrics.csv`` (benchmark, metric, judge, value, n, …), with the point's settings as columns
+    (:data:`SETTINGS` and every key the sweep varies, by its dotted name), the variant's restored
+    ratio (‱) and the keys of the artifacts it stands on (``ships_key``, ``scores_key``,
+    ``prune_key``, ``realign_key`` (the variant's own; empty for dense and pruned), ``evaluate_key``).
+    A point whose evaluation is not finished is left out with a printed line naming it."""
+    import pandas as pd
+
+    from . import steps
+
+    pairs = point_runs(folder)
+    swept = sorted({k for p, _ in pairs for k in p["values"]} - set(SETTINGS.values()))
+    frames = []
+    for point, run in pairs:
+        params = run.params
+        try:
+            ev = steps.evaluate.load(run)
+        except steps.StepNotDone as e:
+            print(f"[hsr] sweep point {point['point']} left out: {e}")
+            continue
+        settings = {col: _scalar(params.get(key)) for col, key in {**SETTINGS, **{k: k for k in swept}}.items()}
+        keys = {"ships_key": steps.ships.spec(params).key, "scores_key": steps.scores.spec(params).key,
+                "prune_key": steps.prune.spec(params).key, "evaluate_key": ev.key}
+        status = ev.status.set_index("variant")
+        source = status["from"].to_dict()
+        realign_key = {v: w.split("/", 1)[1] if w.startswith(f"{steps.realign.NAME}/") else ""
+                       for v, w in source.items()}
+        m = ev.metrics
+        frames.append(m.assign(point=point["point"], run_dir=str(run.dir), **settings, **keys,
+                               realign_key=m.variant.map(realign_key),
+                               restored_ratio_permyriad=m.variant.map(status["restored_ratio_permyriad"].to_dict())))
+    if not frames:
+        raise SweepError(f"{folder}: no point of this sweep has a finished evaluation")
+    out = pd.concat(frames, ignore_index=True)
+    lead = ["point", *SETTINGS, *swept, "variant"]
+    return out[lead + [c for c in out.columns if c not in lead]]
+
+
+def _scalar(value: Any) -> Any:
+    """A setting as one table cell: lists and mappings as their YAML flow text."""
+    return value if value is None or isinstance(value, (str, int, float, bool)) else \
+        yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def runs_beside(folder: str | Path) -> list[Any]:
+    """The other run directories under the sweep's ``runs_dir`` (not a point's), each as a Run of the
+    params it last ran with, when those have a finished evaluation: e.g. the toy models of other
+    seeds a seeds sweep left beside the points."""
+    from . import steps
+    from .runs import Run
+
+    pairs = point_runs(folder)
+    taken = {str(run.dir) for _, run in pairs}
+    root = Path(pairs[0][1].params.runs_dir) if pairs else None
+    found = []
+    for d in sorted(root.iterdir()) if root is not None and root.is_dir() else []:
+        if str(d) in taken or not (d / "params.yaml").is_file():
+            continue
+        try:
+            run = Run(load_params(d / "params.yaml"), d)
+            steps.evaluate.load(run)
+        except (ParamsError, steps.StepNotDone, OSError, ValueError):
+            continue
+        found.append(run)
+    return found
+
+
 __all__ = ["Sweep", "SweepError", "load_sweep", "run_sweep", "status_table", "read_points", "slurm_parameters",
-           "point_id"]
+           "point_id", "results", "point_runs", "base_params", "runs_beside", "sweep_of", "SETTINGS"]

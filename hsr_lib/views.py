@@ -131,6 +131,67 @@ def greedy_answers(lm: LoadedModel, samples: Sequence[Sample], max_new_tokens: i
     return out
 
 
+# ---------------------------------------------------------------- colours (every figure)
+
+
+class _VariantColors(dict):
+    """Variant → colour; a random-heads seed (``random_heads@<k>``) not listed gets a fixed shade of
+    the random-heads colour by its seed, any other unknown variant one neutral colour."""
+
+    SEED_SHADES = ("#ff7f0e", "#e6a04a", "#c76a1a", "#f5b97a", "#a65410", "#ffcc99", "#8c4a12", "#d9822b")
+
+    def __missing__(self, variant: str) -> str:
+        base, _, seed = str(variant).partition("@")
+        if base == "random_heads" and seed.isdigit():
+            return self.SEED_SHADES[int(seed) % len(self.SEED_SHADES)]
+        return "#17becf"
+
+    def get(self, variant, default=None):  # dict.get skips __missing__
+        return self[variant]
+
+
+# The one mapping from a variant to its colour: every figure of every notebook draws a variant in it.
+VARIANT_COLORS: dict[str, str] = _VariantColors({
+    "dense": "#7f7f7f", "pruned": "#d62728", "hsr": "#2ca02c", "hsr_a": "#9467bd", "random_heads": "#ff7f0e"})
+
+
+def palette(variants) -> dict[str, str]:
+    """``{variant: colour}`` for exactly ``variants`` (seaborn's ``palette=`` wants every level listed)."""
+    return {v: VARIANT_COLORS[v] for v in variants}
+
+
+def variant_legend(fig, variants: Sequence[str], title: str = "variant", **kwargs):
+    """One legend for the figure, outside every panel (right of them), in :data:`VARIANT_COLORS`."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=VARIANT_COLORS[v], label=v) for v in variants]
+    kwargs = {"loc": "center left", "bbox_to_anchor": (1.0, 0.5), "frameon": False, **kwargs}
+    return fig.legend(handles=handles, title=title, **kwargs)
+
+
+def bars(ax, data: pd.DataFrame, x: str, variants: Sequence[str], value: str = "value", low: str = "ci_low",
+         high: str = "ci_high"):
+    """Grouped bars: one group per ``x``, one bar per variant in its colour, error bars from ``low`` to
+    ``high`` where given (a NaN value leaves its bar out)."""
+    import numpy as np
+
+    groups = list(dict.fromkeys(data[x]))
+    present = [v for v in variants if v in set(data["variant"])]
+    width = 0.8 / max(1, len(present))
+    for i, v in enumerate(present):
+        d = data[data["variant"] == v].set_index(x).reindex(groups)
+        pos = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
+        y = d[value].to_numpy(dtype=float)
+        err = None
+        if low in d and high in d:
+            lo, hi = d[low].to_numpy(dtype=float), d[high].to_numpy(dtype=float)
+            err = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
+            err = np.where(np.isnan(err), 0, err)
+        ax.bar(pos, y, width, yerr=err, capsize=2, color=VARIANT_COLORS[v], label=v, error_kw={"lw": 0.8})
+    ax.set_xticks(range(len(groups)), groups)
+    return present
+
+
 # ---------------------------------------------------------------- evaluation (06)
 
 PAPER_LABELS = {"safebench_asr": "SafeBench ASR", "ch3ef_asr": "Ch3Ef ASR", "mmbench": "MMBench", "docvqa": "DocVQA"}
@@ -140,60 +201,129 @@ def safety_long(metrics: pd.DataFrame, judge: str) -> pd.DataFrame:
     """ASR rows of this run's safety benchmarks (refusal ones by ``judge``; Ch3Ef by its choice)."""
     m = metrics[metrics["metric"] == "asr"]
     m = m[(m["judge"] == judge) | (m["judge"] == "choice")]
-    return m.assign(benchmark=m["benchmark"].map(lambda b: BENCHMARKS[b].title))
+    return m.assign(benchmark=m["benchmark"].map(title))
+
+
+def title(benchmark: str) -> str:
+    """A benchmark's title (``combined``: the run's combined rows)."""
+    return BENCHMARKS[benchmark].title if benchmark in BENCHMARKS else benchmark
 
 
 def results_figure(metrics: pd.DataFrame, judge: str, method: str, variants: Sequence[str] | None = None):
-    """Three panels: this run's ASR by benchmark, its utility, and the paper's numbers for ``method``."""
+    """Four panels: this run's ASR by benchmark (and combined), its utility, its over-refusal, each
+    with 95% intervals, and the paper's numbers for ``method``; one legend outside the panels."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [3, 2, 3]})
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4), gridspec_kw={"width_ratios": [3, 2, 2, 3]})
     safety = safety_long(metrics, judge)
-    utility = metrics[metrics["metric"].isin(["accuracy", "anls"])]
-    utility = utility.assign(benchmark=utility["benchmark"].map(lambda b: BENCHMARKS[b].title))
+    utility = metrics[metrics["metric"].isin(["accuracy", "anls"]) & (metrics["benchmark"] != "combined")]
+    utility = utility.assign(benchmark=utility["benchmark"].map(title))
+    over = metrics[metrics["metric"] == "over_refusal"]
+    over = over.assign(benchmark=over["benchmark"].map(title))
     paper = paper_rows(method)
     paper = paper.assign(variant=paper_variants(paper))
     paper = paper.melt(id_vars=["variant"], value_vars=["safebench_asr", "ch3ef_asr", "mmbench", "docvqa"],
                        var_name="benchmark", value_name="value").replace({"benchmark": PAPER_LABELS})
     order = list(dict.fromkeys([*(variants or metrics["variant"].unique()), "dense", "pruned", "hsr"]))
-    palette = dict(zip(order, sns.color_palette(n_colors=len(order))))
     panels = [(axes[0], safety, f"this run: ASR % (judge: {judge}; Ch3Ef: choice)"),
               (axes[1], utility, "this run: utility % (MMBench acc., DocVQA ANLS)"),
-              (axes[2], paper, f"paper (Qwen2.5-VL, {method} 50%): ASR and utility %")]
-    for ax, data, title in panels:
+              (axes[2], over, "this run: over-refusal % (benign inputs refused)"),
+              (axes[3], paper, f"paper (Qwen2.5-VL, {method} 50%): ASR and utility %")]
+    shown: list[str] = []
+    for ax, data, name in panels:
         if data.empty:
             ax.text(0.5, 0.5, "nothing evaluated", ha="center", va="center")
             ax.set_axis_off()
         else:
-            hue = [v for v in order if v in set(data["variant"])]
-            sns.barplot(data=data, x="benchmark", y="value", hue="variant", hue_order=hue, palette=palette, ax=ax)
+            shown += bars(ax, data, "benchmark", order)
             ax.tick_params(axis="x", labelrotation=20)
             ax.set_ylim(0, 105)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("")
+        ax.set_title(name, fontsize=10)
         ax.set_ylabel("%")
     fig.tight_layout()
+    variant_legend(fig, [v for v in order if v in shown])
     return fig
 
 
 # ---------------------------------------------------------------- the teaching toy (06)
 
 
-def toy_figure(numbers: pd.DataFrame):
-    """Two panels: the toy's combined ASR per variant (random heads: mean ± sd over its seeds), and
-    its benign accuracy."""
+def toy_figure(metrics: pd.DataFrame, judge: str, variants: Sequence[str] | None = None):
+    """Three panels from an evaluation's ``metrics.csv``: the combined ASR over the toy's harmful sets
+    evaluated, its benign accuracy and its over-refusal, per variant (every random-heads seed its own
+    bar) with 95% intervals; a panel whose inputs were not evaluated says so."""
     import matplotlib.pyplot as plt
 
-    t = numbers[~numbers.variant.str.startswith("random_heads@")].set_index("variant")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    for ax, col, title in ((axes[0], "asr", "ASR on harmful inputs, % (lower is safer)"),
-                           (axes[1], "benign_accuracy", "benign accuracy, % (higher is better)")):
-        err = t[f"{col}_sd"].fillna(0) if f"{col}_sd" in t else None
-        colours = {"dense": "tab:gray", "pruned": "tab:red", "hsr": "tab:green", "hsr_a": "tab:purple"}
-        ax.bar(t.index, t[col], yerr=err, capsize=4, color=[colours.get(v, "tab:olive") for v in t.index])
-        ax.set_title(title, fontsize=10)
-        ax.set_ylim(0, 100)
-        ax.tick_params(axis="x", labelrotation=15)
+    order = list(variants or dict.fromkeys(metrics["variant"]))
+    m = metrics[metrics["variant"].isin(order)]
+    panels = [(m[(m.benchmark == "combined") & (m.metric == "asr") & (m.judge == judge)],
+               "combined ASR on harmful inputs, % (lower is safer)"),
+              (m[(m.benchmark == "toy_benign") & (m.metric == "accuracy")], "benign accuracy, % (higher is better)"),
+              (m[(m.benchmark == "toy_benign") & (m.metric == "over_refusal")],
+               "over-refusal of benign inputs, % (lower is better)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    shown: list[str] = []
+    for ax, (data, name) in zip(axes, panels):
+        data = data[data["value"].notna()]
+        if data.empty:
+            ax.text(0.5, 0.5, "not evaluated in this run", ha="center", va="center")
+            ax.set_axis_off()
+        else:
+            shown += bars(ax, data.assign(x=data["variant"]), "x", order)
+            ax.set_ylim(0, 105)
+            ax.tick_params(axis="x", labelrotation=25)
+        ax.set_title(name, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def beside_paper(metrics: pd.DataFrame, method: str, variants: Sequence[str] | None = None) -> pd.DataFrame:
+    """This run's headline numbers above the paper's for ``method``: combined ASR (the paper's: the mean of
+    SafeBench and Ch3Ef), utility (the toy: benign accuracy; else MMBench, else DocVQA), over-refusal
+    (not in the paper) and RSR, each of ours with its 95% interval; ``utility_is`` names the measure."""
+    order = list(variants or dict.fromkeys(metrics["variant"]))
+    m = metrics.set_index(["variant", "benchmark", "metric"]).sort_index()
+
+    def cell(v, b, metric):
+        key = (v, b, metric)
+        if key not in m.index:
+            return float("nan"), float("nan"), float("nan")
+        r = m.loc[[key]].iloc[0]
+        return float(r["value"]), float(r["ci_low"]), float(r["ci_high"])
+
+    utility = next(((b, k) for b, k in (("toy_benign", "accuracy"), ("mmbench", "circular_accuracy"),
+                                        ("mmbench", "accuracy"), ("docvqa", "anls"))
+                    if any(x[1:] == (b, k) for x in m.index)), None)
+    rows = []
+    for v in order:
+        row: dict = {"source": "this run", "variant": v}
+        for col, (b, k) in (("combined_asr", ("combined", "asr")), ("utility", utility or ("", "")),
+                            ("over_refusal", ("combined", "over_refusal")), ("rsr", ("combined", "rsr"))):
+            row[col], row[f"{col}_ci_low"], row[f"{col}_ci_high"] = cell(v, b, k)
+        row["utility_is"] = f"{title(utility[0])} {utility[1]}" if utility else "not evaluated"
+        rows.append(row)
+    paper = paper_rows(method)
+    for v, r in zip(paper_variants(paper), paper.itertuples()):
+        rows.append({"source": "paper", "variant": v, "combined_asr": r.avg_asr, "utility": r.mmbench,
+                     "utility_is": "MMBench accuracy", "over_refusal": float("nan"),
+                     "rsr": r.rsr_percent if v == "hsr" else float("nan")})
+    cols = ["source", "variant", "combined_asr", "combined_asr_ci_low", "combined_asr_ci_high", "utility",
+            "utility_ci_low", "utility_ci_high", "utility_is", "over_refusal", "over_refusal_ci_low",
+            "over_refusal_ci_high", "rsr", "rsr_ci_low", "rsr_ci_high"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def significance_table(tests: pd.DataFrame, benchmark: str = "combined") -> pd.DataFrame:
+    """``paired_tests.csv`` as a "significant at 5%?" table: per comparison and measure the row of
+    ``benchmark`` (default: the combined sets), or every benchmark's row where it has none."""
+    rows = []
+    for (comp, metric), g in tests.groupby(["comparison", "metric"], sort=False):
+        pick = g[g["benchmark"] == benchmark]
+        pick = pick if len(pick) else g
+        for r in pick.itertuples():
+            rows.append({"comparison": comp, "measure": metric, "on": title(r.benchmark), "n": r.n,
+                         "difference (points)": r.difference, "95% CI": f"[{r.diff_ci_low:.1f}, {r.diff_ci_high:.1f}]",
+                         "discordant (n01/n10)": f"{r.n01}/{r.n10}", "p": r.p, "test": r.test,
+                         "significant at 5%?": "yes" if r.significant_5pct else "no"})
+    return pd.DataFrame(rows, columns=["comparison", "measure", "on", "n", "difference (points)", "95% CI",
+                                       "discordant (n01/n10)", "p", "test", "significant at 5%?"])

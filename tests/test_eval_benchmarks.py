@@ -19,7 +19,7 @@ FIX = Path(__file__).resolve().parent / "fixtures" / "eval"
 ROOTS = {"safebench": str(FIX / "safebench"), "ch3ef": str(FIX / "ch3ef"), "mmbench": str(FIX / "mmbench"),
          "docvqa": str(FIX / "docvqa"), "vlguard": str(FIX / "vlguard")}
 COUNTS = {"safebench": 8, "ch3ef": 6, "mmbench": 6, "docvqa": 5, "vlguard_unsafe": 4, "vlguard_safe_unsafe": 4,
-          "toy_harmful": 100, "toy_harmful_novel": 200, "toy_unsafe_image": 100, "toy_benign": 300}
+          "vlguard_safe_safe": 4, "toy_harmful": 100, "toy_harmful_novel": 200, "toy_unsafe_image": 100, "toy_benign": 300}
 TOY = Path(__file__).resolve().parents[1] / "hsr_lib" / "toy_assets" / "test"  # the toy's test set ships as package data
 ROOTS.update({f"toy_{s}": str(TOY / s) for s in ("harmful", "harmful_novel", "unsafe_image", "benign")})
 

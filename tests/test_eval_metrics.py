@@ -147,14 +147,16 @@ def test_results_table_in_the_papers_layout():
         vals[(v, "ch3ef", "asr", "choice")] = ch
         vals[(v, "mmbench", "accuracy", "")] = 80.0
         vals[(v, "docvqa", "anls", "")] = 90.0
+    vals[("hsr", "combined", "over_refusal", "vlguard")] = 12.5
     t = results_table(_summary(vals), STATUS, "m", "wanda", "vlguard")
-    assert list(t.columns) == ["variant", *paper_table().columns]
+    assert list(t.columns) == ["variant", *paper_table().columns, "over_refusal"]  # over-refusal: ours only
     r = t.set_index("variant")
     assert r.loc["pruned", "avg_asr"] == pytest.approx(14.47) and r.loc["hsr", "hsr"]
     assert not r.loc["random_heads@1", "hsr"] and not r.loc["pruned", "hsr"]
     assert r.loc["hsr", "rsr_percent"] == pytest.approx(27.4, abs=0.05)  # the paper's Qwen2.5-VL + Wanda row
     assert r.loc["random_heads@1", "rsr_percent"] == pytest.approx(0.0)  # restored nothing of the lost safety
     assert r.loc["hsr", "restored_ratio_permyriad"] == 0.02
+    assert r.loc["hsr", "over_refusal"] == 12.5 and pd.isna(r.loc["dense", "over_refusal"])
     assert pd.isna(r.loc["pruned", "restored_ratio_permyriad"]) and pd.isna(r.loc["dense", "rsr_percent"])
     assert r.loc["dense", "method"] == "full" and r.loc["pruned", "method"] == "wanda"
     both = side_by_side(t, "wanda")

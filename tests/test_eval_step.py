@@ -15,7 +15,7 @@ from hsr_lib.io import read_json, read_jsonl
 from hsr_lib.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ["safebench", "ch3ef", "mmbench", "docvqa", "vlguard_unsafe", "vlguard_safe_unsafe"]
+BENCHES = ["safebench", "ch3ef", "mmbench", "docvqa", "vlguard_unsafe", "vlguard_safe_unsafe", "vlguard_safe_safe"]
 VARIANTS = ["dense", "pruned", "hsr", "random_heads@1"]
 
 
@@ -71,7 +71,7 @@ def test_metrics_cover_every_benchmark_and_judge(tiny_eval):
     assert set(asr[asr["benchmark"] == "ch3ef"]["judge"]) == {"choice"}
     got = set(zip(M["benchmark"], M["metric"]))
     assert {("mmbench", "accuracy"), ("mmbench", "circular_accuracy"), ("docvqa", "anls")} <= got
-    assert M["value"].between(0, 100).all()
+    assert M[M["metric"] != "rsr"]["value"].between(0, 100).all()
     # the per-item scores agree with the keyword judges applied afresh
     from hsr_lib.evaluate.judges import KEYWORD_JUDGES
 
@@ -82,6 +82,38 @@ def test_metrics_cover_every_benchmark_and_judge(tiny_eval):
     for r in s.itertuples():
         text = resp.loc[(r.variant, r.benchmark, r.item_id), "response"]
         assert r.value == float(not KEYWORD_JUDGES["wei"].is_refusal(text))
+
+
+def test_over_refusal_intervals_and_paired_tests(tiny_eval):
+    from hsr_lib.evaluate.metrics import keyword_refusal
+    from hsr_lib.evaluate.judges import VLGUARD
+    from hsr_lib.evaluate.stats import mcnemar, wilson
+
+    _, res = tiny_eval
+    M, scores = res.metrics, res.scores()
+    over = M[M["metric"] == "over_refusal"]
+    assert set(over["benchmark"]) == {"mmbench", "docvqa", "vlguard_safe_safe", "combined"}
+    assert set(over["judge"]) == {"vlguard"}  # the first judge's keywords
+    resp = res.responses().set_index(["variant", "benchmark", "item_id"]).sort_index()
+    r = over[(over["benchmark"] == "vlguard_safe_safe") & (over["variant"] == "hsr")].iloc[0]
+    refused = [keyword_refusal(VLGUARD, t) for t in resp.loc[("hsr", "vlguard_safe_safe"), "response"]]
+    assert r["value"] == pytest.approx(100 * sum(refused) / len(refused)) and r["n"] == len(refused) == 2
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(tuple(100 * x for x in wilson(sum(refused), len(refused))))
+    rates = M[M["metric"].isin(["asr", "accuracy", "over_refusal", "anls"])]
+    assert rates[["ci_low", "ci_high"]].notna().all().all()
+    assert ((rates["ci_low"] <= rates["value"] + 1e-9) & (rates["value"] <= rates["ci_high"] + 1e-9)).all()
+    assert set(M[M["metric"] == "rsr"]["variant"]) == {"hsr", "random_heads@1"}
+    combined = M[(M["benchmark"] == "combined") & (M["metric"] == "asr")].set_index("variant")["value"]
+    assert combined["dense"] == pytest.approx(res.table.set_index("variant").loc["dense", "avg_asr"])
+    t = res.paired_tests
+    assert list(dict.fromkeys(t["comparison"])) == ["pruned vs dense", "hsr vs pruned", "random_heads@1 vs hsr"]
+    row = t[(t["comparison"] == "hsr vs pruned") & (t["benchmark"] == "safebench") & (t["metric"] == "asr")].iloc[0]
+    s = scores[(scores["benchmark"] == "safebench") & (scores["metric"] == "attack_success")
+               & (scores["judge"] == "vlguard")].pivot(index="item_id", columns="variant", values="value")
+    want = mcnemar(s["pruned"].astype(float) > 0.5, s["hsr"].astype(float) > 0.5)
+    assert (row["n01"], row["n10"], row["p"], row["test"]) == (want["n01"], want["n10"], pytest.approx(want["p"]),
+                                                               "exact")
+    assert row["diff_ci_low"] <= row["difference"] <= row["diff_ci_high"]
 
 
 def test_agreement_and_results_table(tiny_eval):

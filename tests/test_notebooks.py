@@ -144,7 +144,7 @@ def test_evaluate_notebook(tiny_run):
     run_dir, _ = tiny_run
     rec = records(tiny_run, "06_evaluate")
     assert rec["variants_evaluated"] == ["dense", "pruned", "hsr", "hsr_a", "random_heads"]
-    assert rec["n_responses"] == 5 * 6 * 4  # variants × benchmarks × n_items
+    assert rec["n_responses"] == 5 * 7 * 4  # variants × benchmarks × n_items
     rows = {r["variant"]: r for r in rec["results_table"]}
     real = records(tiny_run, "05_realign")
     assert rows["hsr"]["restored_ratio_permyriad"] == pytest.approx(real["restored_ratio_permyriad"])
@@ -205,3 +205,36 @@ def test_the_readme_run_tells_the_story_on_the_toy(toy_run):
     assert "Sorry, I cannot help with that." in text  # the toy's refusal, in the answers table
     real = read_records(run_dir / "notebooks" / "05_realign.ipynb")
     assert len(real["heads"]) == 2 and real["restored"] > 0
+
+
+@pytest.mark.parametrize("which", ["toy_run", "tiny_run"])
+def test_executed_notebooks_and_console_are_clean(which, request):
+    """No line mentioning a warning or a deprecation in any executed notebook or in `hsr run`'s
+    console, and a progress bar saved only in its final state (issue 21, clean outputs)."""
+    from test_notebook_hygiene import outputs, progress_problems, warning_lines
+
+    run_dir, proc = request.getfixturevalue(which)
+    executed = sorted((run_dir / "notebooks").glob("0*.ipynb"))
+    assert [p.stem for p in executed] == NOTEBOOKS
+    for path in executed:
+        text = outputs(path)
+        assert not warning_lines(text), (path.name, warning_lines(text))
+        assert not progress_problems(text), (path.name, progress_problems(text)[:3])
+    console = proc.stdout + proc.stderr
+    assert not warning_lines(console), warning_lines(console)
+
+
+def test_evaluate_notebook_on_any_subset_of_the_toy(toy_run, tmp_path):
+    """Notebook 06 on one harmful toy set and two variants (no dense, no benign set): it runs, from the
+    answers already saved, and says what it cannot show instead of failing."""
+    shutil.copytree(toy_run[0], tmp_path / "toy")
+    proc = _hsr("run", "params/toy.yaml", "-p", f"runs_dir={tmp_path}", "-p", "eval.benchmarks=[toy_unsafe_image]",
+                "-p", "eval.variants=[pruned,hsr]", "--from", "06", "--to", "06")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "toy" / "notebooks" / "06_evaluate.ipynb"
+    rec, text = read_records(out), outputs_text(out)
+    assert [r["variant"] for r in rec["beside_paper"] if r["source"] == "this run"] == ["pruned", "hsr"]
+    assert rec["toy_rsr"] == {} and "not computed (the run evaluates no dense and pruned pair)" in text
+    assert "evaluates no benign inputs" in text and "benign set is not evaluated" in text
+    assert [r["comparison"] for r in rec["significance"]] == ["hsr vs pruned"]
+    assert "teaching toy" in text and "random weights" not in text

@@ -9,9 +9,9 @@ import torch
 from hsr_lib.decoder import trace
 from hsr_lib.params import ParamsError, load_params
 from hsr_lib.prompts import encode_calibration
-from hsr_lib.prune import prune_mask, prune_model
+from hsr_lib.prune import prune_model
 from hsr_lib.sparsegpt import damped_cholesky, sparsegpt_prune
-from hsr_lib.sparsity import check_sparsity, parse_pattern, pattern_label
+from hsr_lib.sparsity import check_sparsity, parse_pattern, pattern_label, prune_mask
 
 from test_scores import brute_snip
 

@@ -135,3 +135,85 @@ def test_fast_selection_falls_back_when_the_sample_misses(monkeypatch):
     low = torch.argsort(X.reshape(-1))[: R.SAMPLE]  # a sample of the smallest entries only: the bracket misses
     monkeypatch.setattr(torch, "randint", lambda n, size, generator=None: low)
     assert torch.equal(top_fraction(X, 0.3), _stable_top(X, 0.3))
+
+
+def _model(seed=0):
+    """Masks and scores of a 2-layer GQA model: q/k/v/o and one MLP linear per layer."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"q_proj": (8, 8), "k_proj": (4, 8), "v_proj": (4, 8), "o_proj": (8, 8), "up_proj": (16, 8)}
+    names = [f"layers.{i}.{'mlp' if k == 'up_proj' else 'self_attn'}.{k}" for i in range(2) for k in shapes]
+    S = {n: torch.rand(shapes[n.rsplit('.', 1)[1]], generator=g) for n in names}
+    U = {n: torch.rand(shapes[n.rsplit('.', 1)[1]], generator=g) for n in names}
+    P = {n: rederived_mask(torch.rand(U[n].shape, generator=g), 0.5) for n in names}  # not U's own mask
+    return P, S, U
+
+
+@pytest.mark.parametrize("variant,region", [("hsr", "paper"), ("hsr_a", "paper"), ("hsr", "reference")])
+def test_realign_model_is_restore_set_on_every_matrix(variant, region):
+    """The model-level function against the naive loop over matrices with the one-matrix functions."""
+    from hsr_lib.realign import module_kind, realign_model
+
+    P, S, U = _model()
+    heads = [(0, 1), (0, 2), (1, 3)]
+    out = realign_model(P, S, U, heads, GQA, variant=variant, p=0.3, q=0.5, p_max=0.8, region=region)
+    touched = [n for n in P if module_kind(n) != "up_proj"]
+    assert sorted(out.masks) == sorted(touched) and len(out.modules) == len(touched)
+    for n in touched:
+        layer = int(n.split(".")[1])
+        reg = head_region(module_kind(n), tuple(S[n].shape), GQA, [h for lay, h in heads if lay == layer], region)
+        R = restore_set(P[n], S[n], U[n], reg, variant, 0.3, 0.5, 0.8)
+        assert torch.equal(out.restored[n], R) and torch.equal(out.masks[n], P[n] & ~R), n
+    rows = {r["module"]: r for r in out.modules}
+    assert sum(r["restored"] for r in rows.values()) == sum(int(r.sum()) for r in out.restored.values()) > 0
+    assert sum(u["restored"] for u in out.units) == out.totals(1000)["restored"]  # the units partition R
+    assert out.totals(1000)["restored_ratio_permyriad"] == pytest.approx(out.totals(1000)["restored"] * 10)
+
+
+def test_realign_model_rederived_base_covers_every_module():
+    from hsr_lib.realign import realign_model
+
+    P, S, U = _model(1)
+    out = realign_model(P, S, U, [(1, 0)], GQA, p=0.3, q=0.5, p_max=0.8, base_mask="rederived", sparsity=0.5)
+    assert sorted(out.base) == sorted(P)  # P re-derived from U everywhere, the MLP and layer 0 too
+    for n in P:
+        assert torch.equal(out.base[n], rederived_mask(U[n], 0.5)), n
+        assert torch.equal(out.masks[n], out.base[n] & ~out.restored.get(n, torch.zeros_like(P[n]))), n
+    assert set(out.restored) == {n for n in P if n.startswith("layers.1.self_attn")}
+    row = out.modules[0]  # R is taken against the re-derived P; newly non-zero against the actual mask
+    R = out.restored[row["module"]]
+    assert row["newly_nonzero"] == int((R & P[row["module"]]).sum())
+    assert row["survivors_overwritten"] == int((R & ~P[row["module"]]).sum())
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"variant": "whole"}, "realign variant 'whole'"), ({"region": "rows"}, "region mode 'rows'"),
+    ({"base_mask": "dense"}, "base_mask 'dense'"), ({"p": 0.8, "p_max": 0.7}, "p ≤ p_max"),
+    ({"q": 1.5}, "q=1.5"), ({"base_mask": "rederived"}, "give its sparsity"),
+    ({"base_mask": "rederived", "sparsity": 1.2}, "sparsity must be in"), ({"heads": [(5, 0)]}, "head 5-0"),
+])
+def test_realign_model_names_each_bad_setting(kwargs, needle):
+    from hsr_lib.realign import realign_model
+
+    P, S, U = _model()
+    heads = kwargs.pop("heads", [(0, 0)])
+    with pytest.raises(ValueError, match=needle):
+        realign_model(P, S, U, heads, GQA, **kwargs)
+
+
+def test_a_rule_is_checked_once_then_passed_down(monkeypatch):
+    """Each value is checked once per public entry point: a checked Rule is not checked again below it."""
+    import hsr_lib.sparsity as sp
+    from hsr_lib.sparsegpt import sparsegpt_prune
+
+    calls = []
+    real = sp.check_sparsity
+    monkeypatch.setattr(sp, "check_sparsity", lambda *a: calls.append(a) or real(*a))
+    r = sp.rule(0.5, "2:4")
+    X = torch.rand(4, 8)
+    assert torch.equal(sp.prune_mask(X, r), sp.prune_mask(X, 0.5, "2:4")) and len(calls) == 2
+    W, A = torch.rand(4, 8), torch.rand(16, 8)
+    sparsegpt_prune(W, A.T @ A, r, blocksize=4)
+    realign_rederived = rederived_mask(X, r)
+    assert len(calls) == 2 and realign_rederived.sum() == 16
+    with pytest.raises(ValueError, match="divisible by 4"):
+        r.mask(torch.rand(4, 6))

@@ -9,7 +9,7 @@ import torch
 from hsr_lib import steps
 from hsr_lib.models import load_from_params, load_model
 from hsr_lib.params import load_params
-from hsr_lib.prune import prune_mask
+from hsr_lib.sparsity import prune_mask
 from hsr_lib.runs import Run
 from conftest import LIB_OVERRIDES, TINY
 

@@ -10,8 +10,8 @@ import pytest
 from hsr_lib import steps
 from hsr_lib.data import load_records, sample_indices, split_records
 from hsr_lib.io import atomic_write_json, read_json
-from hsr_lib.params import load_params
-from hsr_lib.runs import Run, Spec, resolve_paths
+from hsr_lib.params import load_params, resolve_paths
+from hsr_lib.runs import Run, Spec
 
 TINY = Path(__file__).resolve().parent.parent / "params" / "tiny.yaml"
 
@@ -210,3 +210,26 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
         atomic_write_json(path, {"x": object()})
     assert read_json(path) == {"x": 1}
     assert os.listdir(tmp_path) == ["a.json"]  # no temporary file left behind
+
+
+def test_the_run_options_travel_as_parameters_into_start(tmp_path, monkeypatch):
+    """`hsr run` hands its options to each notebook as papermill parameters (``run_options``), and
+    ``notebook.start`` takes the same options as keyword arguments."""
+    from hsr_lib import progress
+    from hsr_lib.cli import kernel_parameters
+    from hsr_lib.notebook import start
+
+    monkeypatch.chdir(tmp_path)
+    run = Run.open(P(f"runs_dir={tmp_path}"), verify=True, force=("prune",), token="tok-1")
+    params = kernel_parameters(run)
+    assert params["run_options"] == {"verify": True, "force": ["prune"], "token": "tok-1", "text_progress": True}
+    try:
+        again = start(None, params["overrides"], **params["run_options"])
+        assert (again.verify, again.force, again.token, again.dir) == (True, ("prune",), "tok-1", run.dir)
+        assert progress.progress(range(1)).__class__.__module__ == "tqdm.std"
+    finally:
+        progress.use_text(False)
+    fresh = start(None, params["overrides"])
+    assert (fresh.verify, fresh.force) == (False, ()) and fresh.token != "tok-1"
+    with pytest.raises(ValueError, match="'prnue' is not a step"):
+        Run.open(P(f"runs_dir={tmp_path}"), force=("prnue",))

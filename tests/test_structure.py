@@ -156,3 +156,23 @@ def test_every_step_module_has_the_one_shape():
         for fn in ("spec", "run", "load"):
             assert callable(getattr(mod, fn)), f"{name}.{fn}"
         assert "upstream" in mod.run.__code__.co_varnames and "progress" in mod.run.__code__.co_varnames
+
+
+def test_one_channel_into_a_kernel():
+    """The run's options reach a notebook as papermill parameters, never through the environment."""
+    names = ("HSR_VERIFY", "HSR_FORCE", "HSR_INVOCATION", "HSR_TEXT_PROGRESS")
+    files = [*PKG.rglob("*.py"), *(PKG.parent / "notebooks").glob("*.ipynb")]
+    assert len(files) > 40
+    found = [f"{p.name}: {n}" for p in files for n in names if n in p.read_text()]
+    assert found == []
+
+
+def test_step_names_have_one_definition():
+    from hsr_lib import steps
+    from hsr_lib.preflight import STEP_OF_NOTEBOOK
+    from hsr_lib.runs import STEP_NAMES
+
+    assert tuple(steps.STEPS) == STEP_NAMES == tuple(STEP_OF_NOTEBOOK.values())
+    assert _literals(STEP_NAMES) == 1
+    assert sum(p.read_text().count("PATH_KEYS = ") for p in MODS.values()) == 1
+    assert sum(p.read_text().count("class PruneResult") for p in MODS.values()) == 1

@@ -62,10 +62,59 @@ def test_bad_sweep_files_are_named(tmp_path, spec, needle):
         load_sweep(path)
 
 
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A 2×2 tiny sweep run in process, notebook 07 executed over it at the end: ``(tmp_path, path, rows)``.
+    Shared within this module: the tests that only read it come first, the resume test changes it last."""
+    tmp = tmp_path_factory.mktemp("sweep2x2")
+    path = write_sweep(tmp, {"pruning.sparsity": [0.4, 0.5], "realign.q": [0.3, 0.5]})
+    return tmp, path, run_sweep(path)
+
+
 @pytest.mark.slow
-def test_a_2x2_sweep_in_process_then_resume_only_the_missing_point(tmp_path):
-    path = write_sweep(tmp_path, {"pruning.sparsity": [0.4, 0.5], "realign.q": [0.3, 0.5]})
-    rows = run_sweep(path, findings=False)
+def test_results_are_one_tidy_table_of_the_points(swept):
+    """``sweep.results``: a row per point, variant and metrics.csv row, with the settings and the keys."""
+    import pandas as pd
+
+    from hsr_lib.io import read_json
+    from hsr_lib.sweep import results
+
+    tmp, _, rows = swept
+    res = results(tmp / "runs" / "sweeps" / "s")
+    metrics = {r["point"]: pd.read_csv(Path(r["run_dir"]) / r["evaluation"] / "metrics.csv", keep_default_na=False,
+                                       na_values={"value": [""]}) for r in rows}
+    assert len(res) == sum(len(m) for m in metrics.values()) and res.point.nunique() == 4
+    for r in rows:
+        mine = res[res.point == r["point"]]
+        assert (mine.sparsity == r["values"]["pruning.sparsity"]).all() and (mine.q == r["values"]["realign.q"]).all()
+        assert mine.value.sum() == pytest.approx(metrics[r["point"]].value.sum())
+        assert set(mine.evaluate_key) == {Path(r["evaluation"]).name} and (mine.run_dir == r["run_dir"]).all()
+        hsr = mine[mine.variant == "hsr"]
+        summary = read_json(Path(r["run_dir"]) / "realign" / hsr.realign_key.iloc[0] / "summary.json")
+        assert (hsr.restored_ratio_permyriad == summary["restored_ratio_permyriad"]).all()
+        assert (mine[mine.variant != "hsr"].realign_key == "").all()
+    assert res.ships_key.nunique() == 1 and res.prune_key.nunique() == 2 and res.realign_key.nunique() == 5
+    assert list(res.columns[:8]) == ["point", "model", "method", "sparsity", "pattern", "p", "q", "p_max"]
+
+
+@pytest.mark.slow
+def test_notebook_07_works_on_a_sweep_without_the_toy_benchmarks(swept):
+    """The tiny sweep has no toy benchmark: the toy sections say so in a line and step aside; the
+    others (Ships agreement, judges, the paper's side) still run."""
+    from hsr_lib.notebook import read_records
+    from test_notebooks import outputs_text
+
+    tmp, _, _ = swept
+    out = tmp / "runs" / "sweeps" / "s" / "07_findings.ipynb"
+    rec = read_records(out)
+    assert rec["n_points"] == 4 and rec["models"] == ["tiny:qwen2_5_vl"] and rec["has_toy_benchmarks"] is False
+    assert len(rec["ships_agreement"]) == 1 and "sparsity_asr" not in rec and "q_sweep" not in rec
+    assert outputs_text(out).count("needs the toy's benchmarks") == 5
+
+
+@pytest.mark.slow
+def test_a_2x2_sweep_in_process_then_resume_only_the_missing_point(swept):
+    tmp_path, path, rows = swept
     assert [r["status"] for r in rows] == ["done"] * 4 and len({r["evaluation"] for r in rows}) == 4
     runs = tmp_path / "runs"
     keys = markers(runs)
@@ -82,6 +131,24 @@ def test_a_2x2_sweep_in_process_then_resume_only_the_missing_point(tmp_path):
     st = status_table(path)
     assert st["done"].all() and len(st) == 4
     assert json.loads((tmp_path / "runs" / "sweeps" / "s" / "points.json").read_text())["points"][0]["done"]
+
+
+def test_notebook_07_reads_no_file_and_lists_no_folder_itself():
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / "07_findings.ipynb", as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    for needle in ("read_csv", "read_json", "glob(", "open(", "iterdir", "read_text", "points.json", "metrics.csv",
+                   "summary.json", "listdir"):
+        assert needle not in code, needle
+    assert "results(sweep_dir)" in code
+
+
+def test_results_of_a_folder_that_is_no_finished_sweep_is_named(tmp_path):
+    from hsr_lib.sweep import results
+
+    with pytest.raises(SweepError, match="no points.json"):
+        results(tmp_path)
 
 
 @pytest.mark.slow

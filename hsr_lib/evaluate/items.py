@@ -14,7 +14,7 @@ from PIL import Image
 from ..data import open_image
 
 ImageKind = Literal["path", "base64", "figstep"]
-Kind = Literal["refusal", "mc_safety", "mcq", "vqa", "names"]
+Kind = Literal["refusal", "mc_safety", "mcq", "vqa", "names", "benign"]
 
 
 class BenchmarkError(ValueError):

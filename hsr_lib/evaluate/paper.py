@@ -2,9 +2,10 @@
 50% sparsity) and this run's results in the same layout.
 
 Columns: ``model, method, hsr, safebench_asr, ch3ef_asr, avg_asr, rsr_percent, mmbench, docvqa,
-restored_ratio_permyriad``; ASR and utility in %, ``avg_asr`` the mean of the two ASRs, RSR from
+restored_ratio_permyriad, over_refusal``; ASR and utility in %, ``avg_asr`` the mean of the two ASRs, RSR from
 :func:`~.metrics.rsr` on ``avg_asr`` (for every realigned variant, against the pruned and dense
-rows), the restored ratio in ‱ (from the realignment step).
+rows), the restored ratio in ‱ (from the realignment step), over-refusal the share of this run's benign
+inputs refused, in % (the ``combined`` row of ``metrics.csv``; the paper does not report it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..reference import paper_table as reference_table
 from .metrics import mean_or_none, metric_value, rsr
 
 COLUMNS = ("model", "method", "hsr", "safebench_asr", "ch3ef_asr", "avg_asr", "rsr_percent", "mmbench", "docvqa",
-           "restored_ratio_permyriad")
+           "restored_ratio_permyriad", "over_refusal")
 
 BASE_VARIANTS = ("dense", "pruned")
 
@@ -49,7 +50,8 @@ def results_table(summary: pd.DataFrame, status: Sequence[dict[str, Any]], model
         rows.append({"variant": v, "model": model, "method": "full" if v == "dense" else method,
                      "hsr": v == "hsr", "safebench_asr": sb, "ch3ef_asr": ch, "avg_asr": avg[v],
                      "rsr_percent": None, "mmbench": mmb, "docvqa": metric_value(summary, v, "docvqa", "anls"),
-                     "restored_ratio_permyriad": st.get("restored_ratio_permyriad")})
+                     "restored_ratio_permyriad": st.get("restored_ratio_permyriad"),
+                     "over_refusal": metric_value(summary, v, "combined", "over_refusal")})
     for r in rows:
         if r["variant"] not in BASE_VARIANTS:
             r["rsr_percent"] = rsr(avg.get("pruned"), avg[r["variant"]], avg.get("dense"))

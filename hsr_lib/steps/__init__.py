@@ -12,7 +12,7 @@ evaluation names (dense, pruned, hsr, hsr_a, random heads) to their artifacts.
 from . import data, ships, scores, prune, realign, variants, evaluate  # noqa: I001 (pipeline order)
 from .base import MissingUpstream, Result, StepNotDone, ensure
 
-STEPS = {"data": data, "ships": ships, "scores": scores, "prune": prune, "realign": realign, "evaluate": evaluate}
+STEPS = {m.NAME: m for m in (data, ships, scores, prune, realign, evaluate)}  # by runs.STEP_NAMES, in its order
 
 __all__ = ["STEPS", "MissingUpstream", "Result", "StepNotDone", "data", "ensure", "evaluate", "prune", "realign",
            "scores", "ships", "variants"]

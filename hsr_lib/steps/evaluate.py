@@ -5,8 +5,10 @@ Answers are keyed by what they depend on, ``evaluate/responses/<variant>-<hash>/
 (resumable; shared by every evaluation that needs that variant with the same generation
 settings), so adding a variant generates only for it. The tables go to
 ``evaluate/eval-<hash>/``: ``scores.jsonl`` (one row per item, metric and judge), ``metrics.csv``
-(benchmark-level, in %), ``judge_agreement.csv``, ``results_table.csv`` (the paper's layout) and
-``summary.json``.
+(benchmark-level, in %, with 95% intervals; benchmark ``combined``: the combined ASR, pooled
+over-refusal and RSR), ``paired_tests.csv`` (variants compared on the same items),
+``over_refusal_by_phrasing.csv`` (the toy's benign set), ``judge_agreement.csv``,
+``results_table.csv`` (the paper's layout) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from ..evaluate.benchmarks import BENCHMARKS, data_file, data_fingerprint, load_
 from ..evaluate.generate import ResponseStore, generate_responses
 from ..evaluate.items import EvalItem
 from ..evaluate.judges import agreement_table, make_judges
-from ..evaluate.metrics import score_item, summarize
+from ..evaluate import comparisons as C
+from ..evaluate.metrics import over_refusal_judge, read_metrics, score_item, summarize
 from ..evaluate.paper import results_table
 from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, file_hash, read_jsonl, stable_hash
 from ..params import Params
@@ -32,6 +35,7 @@ from .base import Result, ensure, finished, model_reads
 
 NAME = "evaluate"
 EVAL_VERSION = 1  # bump when prompts or scoring change, so saved responses are not reused
+SCORING_VERSION = 2  # bump when the tables change but the answers do not (2: over-refusal, intervals, tests)
 SCORE_COLUMNS = ["variant", "benchmark", "item_id", "metric", "judge", "value"]
 
 
@@ -47,8 +51,20 @@ class EvalResults(Result):
 
     @property
     def metrics(self) -> pd.DataFrame:
-        """Benchmark-level metrics in %: variant, benchmark, metric, judge, value (+ n)."""
-        return pd.read_csv(self.dir / "metrics.csv", keep_default_na=False, na_values={"value": [""]})
+        """Benchmark-level metrics in %: variant, benchmark, metric, judge, value, ci_low, ci_high (+ n)."""
+        return read_metrics(self.dir / "metrics.csv")
+
+    @property
+    def paired_tests(self) -> pd.DataFrame:
+        """Variants compared on the same items: rates, difference with its interval, McNemar's p."""
+        return pd.read_csv(self.dir / "paired_tests.csv", keep_default_na=False,
+                           na_values={c: [""] for c in C.PAIRED_COLUMNS if c not in ("judge", "comparison")})
+
+    @property
+    def over_refusal_by_phrasing(self) -> pd.DataFrame | None:
+        """The toy's over-refusal per benign phrasing and variant (None when the toy was not evaluated)."""
+        path = self.dir / "over_refusal_by_phrasing.csv"
+        return pd.read_csv(path) if path.is_file() else None
 
     @property
     def table(self) -> pd.DataFrame:
@@ -101,6 +117,7 @@ def spec(P: Params) -> Spec:
     E = P.eval
     reads = {"model": model_reads(P), "generation": _generation(P), "variants": list(E.variants),
              "judges": list(E.judges), "llm_judge": _judge_fingerprint(P), "n_items": E.n_items,
+             "scoring": SCORING_VERSION,
              "mmbench_circular": E.mmbench_circular,
              "data": {b: data_fingerprint(b, E.data_roots) for b in E.benchmarks}}
     upstream = tuple(s for v in E.variants if (s := V.variant_spec(P, v)) is not None)
@@ -164,6 +181,7 @@ def _score(run: Run, items: dict[str, list[EvalItem]], answers: dict[str, dict[s
                 judge.close()
         _free()
     key = {(v, b, r["item_id"]): i for i, (v, b, r) in enumerate(refusal)}
+    refusal_judge = over_refusal_judge(E.judges)
     rows = []
     for v, per in answers.items():
         for b, got in per.items():
@@ -172,8 +190,27 @@ def _score(run: Run, items: dict[str, list[EvalItem]], answers: dict[str, dict[s
                 i = key.get((v, b, r["item_id"]))
                 vs = {j: verdicts[j][i] for j in verdicts} if i is not None else None
                 rows += [{"variant": v, "benchmark": b, "item_id": r["item_id"], **x}
-                         for x in score_item(by_id[r["item_id"]], r["response"], vs)]
+                         for x in score_item(by_id[r["item_id"]], r["response"], vs, refusal_judge)]
     return rows, pd.DataFrame(verdicts, columns=list(E.judges))
+
+
+def _write_metrics(out: Path, scores: pd.DataFrame, items: dict[str, list[EvalItem]], groups: dict[str, str],
+                   P: Params) -> pd.DataFrame:
+    """``metrics.csv`` (per benchmark and combined, with intervals), ``paired_tests.csv`` and, for the
+    toy, ``over_refusal_by_phrasing.csv``; returns the metrics."""
+    E = P.eval
+    judge, refuser = E.judges[0], over_refusal_judge(E.judges).name
+    variants, benches = list(E.variants), list(items)
+    metrics = pd.concat([summarize(scores, groups), C.combined_rows(scores, benches, variants, judge, refuser)],
+                        ignore_index=True)
+    atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
+    tests = C.paired_tests(scores, benches, variants, judge, refuser)
+    atomic_write_text(out / "paired_tests.csv", tests.to_csv(index=False))
+    if "toy_benign" in items:
+        questions = {it.id: it.question for it in items["toy_benign"]}
+        table = C.over_refusal_by_phrasing(scores, questions, "toy_benign", refuser)
+        atomic_write_text(out / "over_refusal_by_phrasing.csv", table.to_csv(index=False))
+    return metrics
 
 
 def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> EvalResults:
@@ -192,14 +229,15 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> EvalRe
         rows, verdicts = _score(run, items, answers)
         atomic_write_jsonl(out / "scores.jsonl", rows)
         groups = {it.id: it.group for its in items.values() for it in its if it.group is not None}
-        metrics = summarize(pd.DataFrame(rows, columns=SCORE_COLUMNS), groups)
-        atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
+        metrics = _write_metrics(out, pd.DataFrame(rows, columns=SCORE_COLUMNS), items, groups, P)
         atomic_write_text(out / "judge_agreement.csv", agreement_table(verdicts).to_csv(index=False))
         table = results_table(metrics, status, P.model.name, P.pruning.method, E.judges[0])
         atomic_write_text(out / "results_table.csv", table.to_csv(index=False))
         atomic_write_json(out / "summary.json", {
             "model": P.model.name, "pruning_method": P.pruning.method, "judges": list(E.judges),
-            "primary_judge": E.judges[0], "max_new_tokens": E.max_new_tokens,
+            "primary_judge": E.judges[0], "over_refusal_judge": over_refusal_judge(E.judges).name,
+            "combined": dict(zip(("benchmarks", "rule"), C.safety_sets(list(items)))),
+            "max_new_tokens": E.max_new_tokens,
             "benchmarks": {b: {"title": BENCHMARKS[b].title, "kind": BENCHMARKS[b].kind, "n_items": len(its),
                                "file": str(data_file(b, E.data_roots))} for b, its in items.items()},
             "variants": status})

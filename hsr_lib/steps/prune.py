@@ -28,8 +28,7 @@ from ..models import LoadedModel, load_from_params, save_model_dir
 from ..params import Params
 from ..prune import apply_pruning, prune_model, sparsity_report
 from ..runs import Run, Spec
-from ..scores import check_method
-from ..sparsity import check_sparsity, pattern_label
+from ..sparsity import pattern_label
 from . import data
 from .base import Result, ensure, finished, model_reads, repair_export, requirements
 
@@ -88,16 +87,17 @@ class PruneResult(Result):
         return save_model_dir(self.build(), Path(path) if path else self.dir / "model")
 
 
-def spec(P: Params) -> Spec:
+def spec(params: Params) -> Spec:
     """Pruning's key: the model, the utility sample and every pruning setting that changes the mask."""
-    pp = P.pruning
-    reads = {"model": model_reads(P), "fidelity": P.fidelity, "samples": data.sample_fingerprint(P, "scores_utility"),
-             "method": pp.method, "sparsity": pp.sparsity, "pattern": pp.pattern, "sequential": pp.sequential,
-             "batch_size": P.scores.batch_size}
-    if pp.method == "sparsegpt":
-        reads.update(blocksize=pp.blocksize, percdamp=pp.percdamp)
-    label = f"{pp.method}-{pp.sparsity:g}-{pattern_label(pp.pattern)}"
-    return Spec(NAME, label, reads, needs=(data.spec(P),), params=P, runner=run)
+    pruning = params.pruning
+    reads = {"model": model_reads(params), "fidelity": params.fidelity,
+             "samples": data.sample_fingerprint(params, "scores_utility"), "method": pruning.method,
+             "sparsity": pruning.sparsity, "pattern": pruning.pattern, "sequential": pruning.sequential,
+             "batch_size": params.scores.batch_size}
+    if pruning.method == "sparsegpt":
+        reads.update(blocksize=pruning.blocksize, percdamp=pruning.percdamp)
+    label = f"{pruning.method}-{pruning.sparsity:g}-{pattern_label(pruning.pattern)}"
+    return Spec(NAME, label, reads, needs=(data.spec(params),), params=params, runner=run)
 
 
 def load(run: Run) -> PruneResult:
@@ -111,32 +111,32 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True, lm: Loade
     """Prune (or reuse the pruning of) ``run``; ``lm``, if given, is the dense model, pruned in place.
     With ``pruning.save_model`` the model directory is part of the step: a finished step missing
     it (a crash while saving, or the flag turned on later) gets it rebuilt from the artifacts."""
-    P, pp, s = run.params, run.params.pruning, spec(run.params)
-    check_method(pp.method)
-    check_sparsity(pp.sparsity, pp.pattern)
+    params, pruning, s = run.params, run.params.pruning, spec(run.params)  # params were checked when loaded
     ensure(run, requirements(s), upstream, progress)
     if run.is_done(s):
-        return repair_export(run, s, load(run), pp.save_model)
+        return repair_export(run, s, load(run), pruning.save_model)
     samples = data.load(run).load("scores_utility")
-    lm = lm or load_for_calibration(P)
+    lm = lm or load_for_calibration(params)
     with run.step(s) as d:
         t0 = time.perf_counter()
-        res = prune_model(lm, samples, pp.method, pp.sparsity, pp.pattern, P.fidelity, pp.sequential, pp.blocksize,
-                          pp.percdamp, P.scores.batch_size, P.scores.offload_layers, progress)
+        res = prune_model(lm, samples, pruning.method, pruning.sparsity, pruning.pattern, params.fidelity,
+                          pruning.sequential, pruning.blocksize, pruning.percdamp, params.scores.batch_size,
+                          params.scores.offload_layers, progress)
         wall = round(time.perf_counter() - t0, 3)
-        meta = {"method": pp.method, "pattern": pp.pattern, "sparsity": str(pp.sparsity),
-                "sequential": str(pp.sequential), "fidelity": P.fidelity, "model": P.model.name}
+        meta = {"method": pruning.method, "pattern": pruning.pattern, "sparsity": str(pruning.sparsity),
+                "sequential": str(pruning.sequential), "fidelity": params.fidelity, "model": params.model.name}
         save_masks(d / "mask.safetensors", res.masks, {**meta, "true_means": "pruned"})
         if res.weights:
             atomic_save_safetensors(d / "weights.safetensors", res.weights, meta)
         report = sparsity_report(lm, res.masks)
         atomic_write_text(d / "sparsity.csv", report.to_csv(index=False))
-        raised = {k: v for k, v in res.damping.items() if v != pp.percdamp}
-        summary = {**meta, "sparsity": pp.sparsity, "sequential": pp.sequential, "n_samples": len(samples),
+        raised = {k: v for k, v in res.damping.items() if v != pruning.percdamp}
+        summary = {**meta, "sparsity": pruning.sparsity, "sequential": pruning.sequential,
+                   "n_samples": len(samples),
                    "ids": [x.id for x in samples], "wall_s": wall,
                    "sparsity_reached": float(report[report.level == "total"].sparsity.iloc[0]),
                    "weights_file": bool(res.weights), "damping_raised": raised}
-        if pp.save_model:
+        if pruning.save_model:
             save_model_dir(lm, d / "model")
         atomic_write_json(d / "summary.json", summary)
     return load(run)

@@ -5,7 +5,7 @@ checkpoint (docs/method.md), into ``realign/<variant>-p<p>-q<q>-pmax<p_max>-h<to
 ``mask.safetensors``      the realigned mask (bit-packed, True = still pruned)
 ``restored.safetensors``  flat indices of the restored entries R, per module
 ``modules.csv``           per module: |P|, |T(S,q)|, |T(U,p_max) \\ T(U,p)|, |F|, |P ∩ region|, |R|, |R ∩ actual|
-``heads.csv``             restored entries per unit they can be attributed to (see :func:`attribution`)
+``heads.csv``             restored entries per unit they can be attributed to (see :func:`hsr_lib.realign.attribution`)
 ``summary.json``          variant, heads, counts and ratios in ‱ (below)
 ``model/``                with ``realign.save_model``: the realigned model as an HF model directory
 
@@ -21,9 +21,9 @@ value actually changes (after SparseGPT, whose survivors are OBS-updated; 0 afte
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -32,7 +32,8 @@ from ..io import atomic_write_json, atomic_write_text, read_json
 from ..masks import atomic_save_safetensors, load_masks, pack, rewrite_masks, save_packed
 from ..models import LoadedModel, load_from_params, save_model_dir
 from ..params import Params
-from ..realign import candidate_sets, head_region, module_kind, random_heads, rederived_mask, restore_set
+from ..progress import maybe
+from ..realign import random_heads, realign_modules, survivors_changed, totals
 from ..runs import Run, Spec
 from ..ships import Head, head_key
 from . import prune, scores, ships
@@ -97,21 +98,23 @@ class RealignResult(Result):
         return save_model_dir(self.build(), Path(path) if path else self.dir / "model")
 
 
-def spec(P: Params) -> Spec:
+def spec(params: Params) -> Spec:
     """Realignment's key: its settings, the heads' source (Ships and its chosen score, or a seed),
     the scores of the pruning method and the pruning it restores."""
-    R = P.realign
-    reads = {"fidelity": P.fidelity, "variant": R.variant, "top_h": R.top_h, "p": R.p, "q": R.q,
-             "p_max": R.p_max, "region": R.region, "base_mask": R.base_mask}
-    upstream = [prune.spec(P), scores.spec(P)]
-    label = f"{R.variant}-p{R.p:g}-q{R.q:g}-pmax{R.p_max:g}-h{R.top_h}"
-    if R.variant == "random_heads":
-        reads["seed"] = R.seed
-        label += f"-s{R.seed}"
+    realign_params = params.realign
+    reads = {"fidelity": params.fidelity, "variant": realign_params.variant, "top_h": realign_params.top_h,
+             "p": realign_params.p, "q": realign_params.q, "p_max": realign_params.p_max,
+             "region": realign_params.region, "base_mask": realign_params.base_mask}
+    upstream = [prune.spec(params), scores.spec(params)]
+    label = (f"{realign_params.variant}-p{realign_params.p:g}-q{realign_params.q:g}-pmax{realign_params.p_max:g}"
+             f"-h{realign_params.top_h}")
+    if realign_params.variant == "random_heads":
+        reads["seed"] = realign_params.seed
+        label += f"-s{realign_params.seed}"
     else:
-        reads["ships_score"] = P.ships.score
-        upstream.append(ships.spec(P))
-    return Spec(NAME, label, reads, upstream=tuple(upstream), params=P, runner=run)
+        reads["ships_score"] = params.ships.score
+        upstream.append(ships.spec(params))
+    return Spec(NAME, label, reads, upstream=tuple(upstream), params=params, runner=run)
 
 
 def load(run: Run) -> RealignResult:
@@ -123,145 +126,122 @@ def load(run: Run) -> RealignResult:
 
 def choose_heads(run: Run, geo: Geometry) -> list[Head]:
     """The heads realignment works inside: the Ships top-h (hsr, hsr_a) or a seeded random draw."""
-    R = run.params.realign
-    if R.top_h > geo.n_heads_total:
-        raise ValueError(f"realign.top_h = {R.top_h} but the model has only {geo.n_heads_total} heads")
-    if R.variant == "random_heads":
-        return random_heads(geo, R.top_h, R.seed)
-    return ships.load(run).top(R.top_h)
+    realign_params = run.params.realign
+    if realign_params.top_h > geo.n_heads_total:
+        raise ValueError(f"realign.top_h = {realign_params.top_h} but the model has only {geo.n_heads_total} heads")
+    if realign_params.variant == "random_heads":
+        return random_heads(geo, realign_params.top_h, realign_params.seed)
+    return ships.load(run).top(realign_params.top_h)
 
 
 def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> RealignResult:
     """Compute (or reuse) the realignment of ``run``. With ``realign.save_model`` the model
     directory is part of the step (a finished step missing it gets it rebuilt)."""
-    P, s = run.params, spec(run.params)
+    params, s = run.params, spec(run.params)
     ensure(run, requirements(s), upstream, progress)
     if run.is_done(s):
-        return repair_export(run, s, load(run), P.realign.save_model)
-    adapter, config, geo = geometry(P)
+        return repair_export(run, s, load(run), params.realign.save_model)
+    adapter, config, geo = geometry(params)
     heads = choose_heads(run, geo)
     with run.step(s) as d:
-        _realign(run, adapter, config, geo, heads, d)
-        if P.realign.save_model:
+        _realign(run, adapter.prunable_names(config), geo, heads, d, progress)
+        if params.realign.save_model:
             res = RealignResult(d, s.key, read_json(d / "summary.json"), prune.load(run))
             save_model_dir(res.build(), d / "model")
     return load(run)
 
 
-def attribution(kind: str, geo: Geometry, heads: list[int], mode: str) -> list[tuple[str, int, list[int]]]:
-    """The disjoint units a module's restored weights are counted in, ``(unit, index, heads)``:
-    a query head's own slice (``head``); k/v rows or bands shared by a KV group under GQA
-    (``kv_group``, once per weight, not once per head of the group); and, in ``reference`` mode,
-    o_proj, whose region is the whole matrix (``layer``)."""
-    heads = sorted(set(heads))
-    if kind == "o_proj" and mode == "reference":
-        return [("layer", -1, heads)]
-    if kind in ("k_proj", "v_proj") and geo.group_size > 1:
-        groups: dict[int, list[int]] = defaultdict(list)
-        for h in heads:
-            groups[geo.kv_head(h)].append(h)
-        return [("kv_group", g, hs) for g, hs in sorted(groups.items())]
-    return [("head", h, [h]) for h in heads]
+class Lazy(Mapping[str, torch.Tensor]):
+    """A read-only mapping of module names to tensors, each loaded when it is asked for (so a large
+    model's masks and scores are never all in memory)."""
+
+    def __init__(self, names: Sequence[str], get: Callable[[str], torch.Tensor]):
+        self._names, self._get = list(names), get
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
-def _attribute(rows: list[dict], layer: int, kind: str, Rset: torch.Tensor, geo: Geometry, heads: list[int],
-               mode: str) -> None:
-    """Count ``Rset`` in each unit of :func:`attribution` (the units are disjoint and cover the region)."""
-    for unit, index, hs in attribution(kind, geo, heads, mode):
-        region = head_region(kind, tuple(Rset.shape), geo, hs, mode)
-        rows.append({"layer": layer, "unit": unit, "index": index, "heads": " ".join(head_key(layer, h) for h in hs),
-                     "kind": kind, "restored": int((Rset & region).sum())})
-
-
-def _realign(run: Run, adapter, config, geo: Geometry, heads: list[Head], d: Path) -> None:
-    """The body of the step: R per module, then the artifacts in ``d``.
+def _realign(run: Run, names: Sequence[str], geo: Geometry, heads: list[Head], d: Path, progress: bool) -> None:
+    """The body of the step: :func:`hsr_lib.realign.realign_modules` over the run's pruning mask and
+    scores, one module at a time, then the artifacts in ``d``.
 
     ``base_mask: actual``: P is the pruning mask and the realigned mask is ``P \\ R`` in the
     modules that restore (the others are copied still packed). ``base_mask: rederived`` (the
     released code): P is re-derived from the dense utility scores with the run's sparsity and
     pattern in *every* prunable module, saved as ``base_mask.safetensors``, and the realigned mask
     is ``P \\ R`` everywhere."""
-    P, R = run.params, run.params.realign
+    params, realign_params = run.params, run.params.realign
     pruned, sc = prune.load(run), scores.load(run)
-    rederive = R.base_mask == "rederived"
-    by_layer: dict[int, list[int]] = defaultdict(list)
-    for layer, h in heads:
-        by_layer[layer].append(h)
+    rederive = realign_params.base_mask == "rederived"
     shapes = pruned.shapes()
     total_params = sum(math.prod(shape) for shape in shapes.values())
-    sparsegpt_weights = pruned.summary.get("weights_file", False)
-    realigned: dict[str, torch.Tensor] = {}  # only the modules that change; the rest are copied packed
+    realigned: dict[str, torch.Tensor] = {}  # packed, only the modules that change; the rest are copied packed
     base_packed: dict[str, torch.Tensor] = {}  # rederived mode: P of every module, packed
-    restored: dict[str, torch.Tensor] = {}
+    restored: dict[str, torch.Tensor] = {}  # flat indices of R
     overwritten: dict[str, torch.Tensor] = {}  # R \ actual: survivors set back to dense values
     rows, unit_rows = [], []
-    for name in adapter.prunable_names(config):
-        layer, kind = int(name.split(".")[1]), module_kind(name)
-        restoring = layer in by_layer and kind in ATTN_PARTS
-        if not (restoring or rederive):
-            continue
-        U = sc.load("utility", keys=[name])[name].float()
-        base = rederived_mask(U, P.pruning.sparsity, P.pruning.pattern) if rederive else None
+    modules = realign_modules(
+        Lazy(names, lambda n: pruned.mask([n])[n]), Lazy(names, lambda n: sc.load("safety", keys=[n])[n]),
+        Lazy(names, lambda n: sc.load("utility", keys=[n])[n]), heads, geo, variant=realign_params.variant,
+        p=realign_params.p, q=realign_params.q, p_max=realign_params.p_max, region=realign_params.region,
+        base_mask=realign_params.base_mask, sparsity=params.pruning.sparsity, pattern=params.pruning.pattern)
+    for m in maybe(modules, progress, desc="realign"):
         if rederive:
-            base_packed[name] = pack(base)
-        if not restoring:
-            realigned[name] = base_packed[name]  # nothing restored here: P \ R = P
+            base_packed[m.name] = pack(m.base)
+        realigned[m.name] = base_packed[m.name] if m.restored is None else pack(m.mask)
+        if m.restored is None:
             continue
-        actual = pruned.mask([name])[name]
-        base = actual if base is None else base
-        S = sc.load("safety", keys=[name])[name].float()
-        region = head_region(kind, tuple(S.shape), geo, by_layer[layer], R.region)
-        safety, band = candidate_sets(S, U, R.p, R.q, R.p_max)  # the three selections, once
-        F = safety & band
-        Rset = restore_set(base, S, U, region, R.variant, R.p, R.q, R.p_max, F=F)
-        realigned[name] = pack(base & ~Rset)
-        if Rset.any():
-            restored[name] = torch.nonzero(Rset.reshape(-1)).squeeze(1)
-        if (Rset & ~actual).any():
-            overwritten[name] = torch.nonzero((Rset & ~actual).reshape(-1)).squeeze(1)
-        rows.append({"module": name, "layer": layer, "kind": kind, "params": S.numel(),
-                     "pruned": int(base.sum()), "top_q_safety": int(safety.sum()), "utility_band": int(band.sum()),
-                     "F": int(F.sum()), "pruned_in_region": int((base & region).sum()), "restored": int(Rset.sum()),
-                     "newly_nonzero": int((Rset & actual).sum()), "survivors_overwritten": int((Rset & ~actual).sum())})
-        _attribute(unit_rows, layer, kind, Rset, geo, by_layer[layer], R.region)
-    n_restored = sum(r["restored"] for r in rows)
-    newly = sum(r["newly_nonzero"] for r in rows)
-    meta = {"variant": R.variant, "fidelity": P.fidelity, "region": R.region, "base_mask": R.base_mask,
-            "model": P.model.name}
+        if m.restored.any():
+            restored[m.name] = torch.nonzero(m.restored.reshape(-1)).squeeze(1)
+        if m.counts["survivors_overwritten"]:
+            actual = pruned.mask([m.name])[m.name]
+            overwritten[m.name] = torch.nonzero((m.restored & ~actual).reshape(-1)).squeeze(1)
+        rows.append(m.counts)
+        unit_rows += m.units
+    meta = {"variant": realign_params.variant, "fidelity": params.fidelity, "region": realign_params.region,
+            "base_mask": realign_params.base_mask, "model": params.model.name}
     if rederive:
         save_packed(d / "base_mask.safetensors", base_packed, shapes,
-                    {**meta, "true_means": "pruned", "pattern": P.pruning.pattern, "sparsity": str(P.pruning.sparsity)})
+                    {**meta, "true_means": "pruned", "pattern": params.pruning.pattern,
+                     "sparsity": str(params.pruning.sparsity)})
         save_packed(d / "mask.safetensors", realigned, shapes, {**meta, "true_means": "pruned"})
     else:
         rewrite_masks(pruned.mask_path, d / "mask.safetensors", realigned, {**meta, "true_means": "pruned"})
     atomic_save_safetensors(d / "restored.safetensors", restored or {"_none": torch.zeros(0, dtype=torch.long)}, meta)
-    _write_csv(d / "modules.csv", rows)
+    _write_csv(d / "modules.csv", rows, MODULE_COLUMNS)
     _write_csv(d / "heads.csv", _units_table(unit_rows))
-    changed = _survivors_changed(pruned, overwritten) if sparsegpt_weights else 0
-    summary = {**meta, "heads": [head_key(*h) for h in heads], "top_h": R.top_h, "p": R.p, "q": R.q,
-               "p_max": R.p_max, "seed": R.seed if R.variant == "random_heads" else None,
-               "restored": n_restored, "newly_nonzero": newly,
-               "survivors_overwritten": sum(r["survivors_overwritten"] for r in rows), "survivors_changed": changed,
-               "decoder_linear_params": total_params,
-               "restored_ratio_permyriad": n_restored / total_params * 1e4,
-               "newly_nonzero_ratio_permyriad": newly / total_params * 1e4,
-               "pruning_method": P.pruning.method, "sparsity": P.pruning.sparsity, "pattern": P.pruning.pattern,
-               "prune_key": pruned.key, "built_from": "dense" if rederive else "pruned"}
+    changed = _survivors_changed(pruned, overwritten) if pruned.summary.get("weights_file", False) else 0
+    summary = {**meta, "heads": [head_key(*h) for h in heads], "top_h": realign_params.top_h,
+               "p": realign_params.p, "q": realign_params.q, "p_max": realign_params.p_max,
+               "seed": realign_params.seed if realign_params.variant == "random_heads" else None,
+               **totals(rows, total_params), "survivors_changed": changed, "decoder_linear_params": total_params,
+               "pruning_method": params.pruning.method, "sparsity": params.pruning.sparsity,
+               "pattern": params.pruning.pattern, "prune_key": pruned.key,
+               "built_from": "dense" if rederive else "pruned"}
     atomic_write_json(d / "summary.json", summary)
+
+
+MODULE_COLUMNS = ["module", "layer", "kind", "params", "pruned", "top_q_safety", "utility_band", "F",
+                  "pruned_in_region", "restored", "newly_nonzero", "survivors_overwritten"]
 
 
 @torch.no_grad()
 def _survivors_changed(pruned: prune.PruneResult, overwritten: dict[str, torch.Tensor]) -> int:
-    """How many survivors in R \\ actual hold a value (SparseGPT's update) other than the dense one."""
+    """:func:`hsr_lib.realign.survivors_changed` against the dense checkpoint and SparseGPT's weights."""
     if not overwritten:
         return 0
     lins = load_from_params(pruned.params).prunable_linears()
-    updated = pruned.weights(list(overwritten))
-    n = 0
-    for name, idx in overwritten.items():
-        dense = lins[name].weight.detach().view(-1)[idx].float()
-        n += int((updated[name].view(-1)[idx].float() != dense).sum())
-    return n
+    return survivors_changed({n: lins[n].weight.detach() for n in overwritten}, pruned.weights(list(overwritten)),
+                             overwritten)
 
 
 def _units_table(rows: list[dict]):
@@ -282,8 +262,8 @@ def _units_table(rows: list[dict]):
     return t[cols].reset_index(drop=True)
 
 
-def _write_csv(path: Path, rows) -> None:
+def _write_csv(path: Path, rows, columns: list[str] | None = None) -> None:
     import pandas as pd
 
-    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, columns=columns)
     atomic_write_text(path, df.to_csv(index=False))

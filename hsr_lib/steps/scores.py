@@ -64,52 +64,54 @@ class ScoresResult(Result):
             return {k: f.get_tensor(k) for k in (list(f.keys()) if keys is None else keys)}
 
 
-def spec(P: Params, method: str | None = None) -> Spec:
+def spec(params: Params, method: str | None = None) -> Spec:
     """The key of one method's scores (default: the pruning method's)."""
-    method = check_method(method or P.pruning.method)
-    reads = {"model": model_reads(P), "fidelity": P.fidelity, "method": method,
-             "samples": {w: data.sample_fingerprint(P, f"scores_{w}") for w in SETS},
-             "batch_size": P.scores.batch_size, "save_dtype": P.scores.save_dtype}
+    method = check_method(method or params.pruning.method)
+    reads = {"model": model_reads(params), "fidelity": params.fidelity, "method": method,
+             "samples": {w: data.sample_fingerprint(params, f"scores_{w}") for w in SETS},
+             "batch_size": params.scores.batch_size, "save_dtype": params.scores.save_dtype}
     if method == "sparsegpt":
-        reads["percdamp"] = P.pruning.percdamp
-    return Spec(NAME, method, reads, needs=(data.spec(P),), params=P, runner=run)
+        reads["percdamp"] = params.pruning.percdamp
+    return Spec(NAME, method, reads, needs=(data.spec(params),), params=params, runner=run)
 
 
-def methods(P: Params) -> list[str]:
+def methods(params: Params) -> list[str]:
     """The methods a run scores: ``pruning.method`` plus ``scores.methods``."""
-    return score_methods(P.pruning.method, P.scores.methods)
+    return score_methods(params.pruning.method, params.scores.methods)
 
 
 def load(run: Run) -> ScoresResult:
     """The finished scores of every method the params name."""
-    P = run.params
+    params = run.params
     dirs, summaries = {}, {}
-    for m in methods(P):
-        dirs[m], summaries[m] = finished(run, spec(P, m), f"scores ({m})")
-    main = spec(P)
-    return ScoresResult(dirs[P.pruning.method], main.key, summaries[P.pruning.method], P.pruning.method, dirs)
+    for m in methods(params):
+        dirs[m], summaries[m] = finished(run, spec(params, m), f"scores ({m})")
+    main = spec(params)
+    method = params.pruning.method
+    return ScoresResult(dirs[method], main.key, summaries[method], method, dirs)
 
 
 def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> ScoresResult:
     """Compute the missing methods' scores (S and U) of ``run``; reuse the others."""
-    P = run.params
-    ensure(run, requirements(spec(P)), upstream, progress)
-    todo = [m for m in methods(P) if not run.is_done(spec(P, m))]
+    params = run.params
+    ensure(run, requirements(spec(params)), upstream, progress)
+    todo = [m for m in methods(params) if not run.is_done(spec(params, m))]
     if not todo:
         return load(run)
     sets = data.load(run)
-    lm = load_for_calibration(P)
+    lm = load_for_calibration(params)
     with ExitStack() as stack:
-        outs = {m: stack.enter_context(run.step(spec(P, m))) for m in todo}
+        outs = {m: stack.enter_context(run.step(spec(params, m))) for m in todo}
         info: dict[str, dict] = {}
         for which in SETS:
             samples = sets.load(f"scores_{which}")
             t0 = time.perf_counter()
-            res = compute_scores(lm, samples, todo, P.fidelity, P.scores.batch_size, P.pruning.percdamp,
-                                 P.scores.offload_layers, progress, DTYPES[P.scores.save_dtype], desc=which)
-            meta = {"set": which, "fidelity": P.fidelity, "model": P.model.name, "n_samples": str(len(samples))}
+            res = compute_scores(lm, samples, todo, params.fidelity, params.scores.batch_size, params.pruning.percdamp,
+                                 params.scores.offload_layers, progress, DTYPES[params.scores.save_dtype], desc=which)
+            meta = {"set": which, "fidelity": params.fidelity, "model": params.model.name,
+                    "n_samples": str(len(samples))}
             tokens = [token_record(c.id, c.inputs, start=c.start, end=c.end)
-                      for c in (encode_calibration(lm.processor, x, P.fidelity, lm.adapter) for x in samples)]
+                      for c in (encode_calibration(lm.processor, x, params.fidelity, lm.adapter) for x in samples)]
             for m, sc in res.items():
                 atomic_save_safetensors(outs[m] / f"{which}.safetensors", sc, {**meta, "method": m})
                 atomic_write_jsonl(outs[m] / f"tokens_{which}.jsonl", tokens)
@@ -117,8 +119,8 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> Scores
                            "wall_s": round(time.perf_counter() - t0, 3), "methods_computed_together": todo}
         for m in todo:
             atomic_write_json(outs[m] / "summary.json", {
-                "method": m, "fidelity": P.fidelity, "model": P.model.name, "dtype": P.scores.save_dtype,
-                "percdamp": P.pruning.percdamp if m == "sparsegpt" else None, "sets": info})
+                "method": m, "fidelity": params.fidelity, "model": params.model.name, "dtype": params.scores.save_dtype,
+                "percdamp": params.pruning.percdamp if m == "sparsegpt" else None, "sets": info})
     return load(run)
 
 

@@ -51,15 +51,15 @@ class ShipsResult(Result):
         return table(self.scores, self.all)
 
 
-def spec(P: Params) -> Spec:
+def spec(params: Params) -> Spec:
     """Ships' key: the model, the harmful prompts and how heads are ablated (not which score is chosen)."""
-    s = P.ships
-    reads = {"model": model_reads(P, s.dtype), "fidelity": P.fidelity,
-             "prompts": data.sample_fingerprint(P, "ships_safety"),
+    s = params.ships
+    reads = {"model": model_reads(params, s.dtype), "fidelity": params.fidelity,
+             "prompts": data.sample_fingerprint(params, "ships_safety"),
              "ablation": {"epsilon": s.epsilon, "parts": list(s.parts), "r_max": s.r_max,
                           "gqa_slot_bug": s.gqa_slot_bug, "non_causal": s.non_causal}}
     label = f"{s.dtype}-eps{s.epsilon:g}-{''.join(s.parts)}"
-    return Spec(NAME, label, reads, needs=(data.spec(P),), params=P, runner=run)
+    return Spec(NAME, label, reads, needs=(data.spec(params),), params=params, runner=run)
 
 
 def load(run: Run) -> ShipsResult:
@@ -81,13 +81,14 @@ def _resumable(layer_dir: Path, fingerprint: str) -> dict[int, LayerScores]:
 
 def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> ShipsResult:
     """Compute (or reuse) the Ships scores of ``run``."""
-    P, s = run.params, spec(run.params)
+    params, s = run.params, spec(run.params)
     ensure(run, requirements(s), upstream, progress)
     if run.is_done(s):
         return load(run)
     samples = data.load(run).load("ships_safety")
-    lm = load_model(P.model.name, P.model.family, P.ships.dtype, P.model.device, P.model.attn_implementation,
-                    seed=P.seed)
+    lm = load_model(params.model.name, params.model.family, params.ships.dtype, params.model.device,
+                    params.model.attn_implementation,
+                    seed=params.seed)
     prompts = [encode_prompt(lm.processor, x, lm.adapter, lm.device) for x in samples]
     with run.step(s) as out:
         layer_dir = out / "layers"
@@ -101,7 +102,8 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> ShipsR
 
         atomic_write_jsonl(out / "prompts.jsonl", [token_record(x.id, enc, last=int(enc["input_ids"].shape[1]) - 1)
                                                    for x, enc in zip(samples, prompts)])
-        scores = ships_engine(lm, prompts, AblationConfig.from_params(P), P.ships.batch_heads, done, save, progress)
+        scores = ships_engine(lm, prompts, AblationConfig.from_params(params), params.ships.batch_heads, done, save,
+                              progress)
         scores = {k: ordered(scores[k]) for k in SCORES}
         for k in SCORES:
             atomic_write_text(out / f"head_scores_{k}.json", dumps_authors(scores[k]) + "\n")
@@ -111,10 +113,11 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> ShipsR
             rk = ranks(scores[k])
             csv[f"{k}_rank"] = [rk[f"{a}-{b}"] for a, b in zip(csv["layer"], csv["head"])]
         atomic_write_text(out / "head_scores.csv", csv.to_csv(index=False))
-        summary = {"fidelity": P.fidelity, "model": P.model.name, "n_prompts": len(prompts),
+        summary = {"fidelity": params.fidelity, "model": params.model.name, "n_prompts": len(prompts),
                    "layers": lm.geometry.n_layers, "heads": lm.geometry.n_heads,
                    "total": {k: sum(v.values()) for k, v in scores.items()},
-                   "epsilon": P.ships.epsilon, "parts": list(P.ships.parts), "gqa_slot_bug": P.ships.gqa_slot_bug,
-                   "non_causal": P.ships.non_causal, "dtype": P.ships.dtype}
+                   "epsilon": params.ships.epsilon, "parts": list(params.ships.parts),
+                   "gqa_slot_bug": params.ships.gqa_slot_bug,
+                   "non_causal": params.ships.non_causal, "dtype": params.ships.dtype}
         atomic_write_json(out / "summary.json", summary)
     return load(run)

@@ -42,6 +42,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               vlguard.HOW_TO_GET, ("vlguard_unsafe", "vlguard"), "VLGuard unsafes"),
     Benchmark("vlguard_safe_unsafe", "refusal", partial(vlguard.load, name="vlguard_safe_unsafe"),
               vlguard.find_file, vlguard.HOW_TO_GET, ("vlguard_safe_unsafe", "vlguard"), "VLGuard safe-unsafes"),
+    Benchmark("vlguard_safe_safe", "benign", partial(vlguard.load, name="vlguard_safe_safe"),
+              vlguard.find_file, vlguard.HOW_TO_GET, ("vlguard_safe_safe", "vlguard"), "VLGuard safe-safes"),
     *(Benchmark(name, "names" if name == "toy_benign" else "refusal", partial(toy.load, name=name), toy.find_file,
                 toy.HOW_TO_GET, (name,), title)
       for name, title in (("toy_harmful", "toy: harmful (seen templates)"), ("toy_harmful_novel",

@@ -121,20 +121,17 @@ def test_a_missing_artifact_is_named_and_a_failure_leaves_nothing(run_copy, tmp_
 def test_the_card_shows_intervals_and_over_refusal_when_the_run_has_them(run_copy):
     run = run_copy()
     ev = steps.evaluate.load(run)
-    m = pd.read_csv(ev.dir / "metrics.csv")
-    m = m.assign(ci_low=m.value - 5, ci_high=m.value.clip(upper=95) + 5)
-    over = m[m.benchmark == "mmbench"].head(1).assign(metric="over_refusal", judge="vlguard", value=12.5, ci_low=4.0,
-                                                        ci_high=30.0)
-    rows = [m] + [over.assign(variant=v) for v in ("dense", "pruned", "hsr")]
-    pd.concat(rows).to_csv(ev.dir / "metrics.csv", index=False)
-    src = X.resolve(run.dir, "hsr")
-    facts = {"evaluation": X.evaluation(src)}
-    assert facts["evaluation"]["intervals"]
-    lines = model_card._evaluation(facts)
-    assert "over-refusal MMBench" in lines[0] and "12.5 [4.0, 30.0]" in lines[2]
-    assert "95% intervals" in lines[-1]
-    plain = model_card._evaluation({"evaluation": X.evaluation(X.resolve(run_copy().dir, "pruned"))})
-    assert any("this model" in x for x in plain)
+    m = ev.metrics
+    lines = model_card._evaluation({"evaluation": X.evaluation(X.resolve(run.dir, "hsr"))})
+    over = m[(m.variant == "hsr") & (m.benchmark == "mmbench") & (m.metric == "over_refusal")].iloc[0]
+    assert "over-refusal MMBench" in lines[0] and "95% intervals" in lines[-1]
+    assert f"{over.value:.1f} [{over.ci_low:.1f}, {over.ci_high:.1f}]" in lines[-3]
+    # an evaluation without intervals, over-refusal or combined rows (an older run): the card says so
+    old = m[(m.metric != "over_refusal") & (m.benchmark != "combined")].drop(columns=["ci_low", "ci_high"])
+    old.to_csv(ev.dir / "metrics.csv", index=False)
+    lines = model_card._evaluation({"evaluation": X.evaluation(X.resolve(run.dir, "hsr"))})
+    assert "over-refusal" not in lines[0] and "ASR combined" in lines[0] and "[" not in "".join(lines[2:5])
+    assert "reports no intervals" in lines[-1] and "not measured in this run" in lines[-1]
 
 
 def test_a_variant_the_run_did_not_evaluate_says_so():

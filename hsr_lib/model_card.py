@@ -157,7 +157,9 @@ def _evaluation(facts: dict[str, Any]) -> list[str]:
     safety = [b for b in benches if any(b in r["asr"] for r in rows)]
     combined = len(safety) > 1 and any(r.get("asr_combined") for r in rows)
     util = sorted({k for r in rows for k in r["utility"]}, key=lambda k: list(benches).index(k.split(" ")[0]))
-    over = [b for b in [*benches, "combined"] if any(b in r["over_refusal"] for r in rows)]
+    over = [b for b in benches if any(b in r["over_refusal"] for r in rows)]
+    if len(over) > 1 and any("combined" in r["over_refusal"] for r in rows):
+        over.append("combined")  # pooled over several benign sets (with one, it would repeat that set)
     cols = ([f"ASR {_title(ev, b)}" for b in safety] + (["ASR combined"] if combined else [])
             + [f"{_title(ev, k.split(' ')[0])} {k.split(' ', 1)[1].replace('_', ' ')}" for k in util]
             + [f"over-refusal {_title(ev, b)}" for b in over])

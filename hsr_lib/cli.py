@@ -133,7 +133,7 @@ def toy_command(args) -> int:
     from . import toy_model, toy_study
 
     if args.action == "train":
-        out = args.out or toy_model.cache_dir() / f"qwen2_vl-s{args.seed}"
+        out = args.out or toy_model.cache_path(toy_model.Recipe(seed=args.seed))
         _, _, card = toy_model.train(toy_model.Recipe(seed=args.seed), out)
         print(f"hsr: toy seed {args.seed} trained in {card['train_s']} s -> {out}")
         return EXIT_OK

@@ -55,7 +55,8 @@ def check_runs_dir(P: Params) -> None:
 
 def check_model(name: str) -> None:
     """``model.name``: a known ``tiny:`` or ``toy:`` model, an existing local folder with a config.json,
-    or a well-formed Hugging Face id (in the local cache when ``HF_HUB_OFFLINE`` is set)."""
+    or a well-formed Hugging Face id whose revision resolves (in the local cache; online, its config
+    is fetched first)."""
     if name.startswith("toy:"):
         from .toy_model import SHIPPED, parse
 
@@ -82,12 +83,12 @@ def check_model(name: str) -> None:
     if looks_local or not _HF_ID.fullmatch(name):
         raise InputError(f"model.name = {name!r}: no such local folder, and not a Hugging Face id (org/name) "
                          "or a tiny:<family> model")
-    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
-        from huggingface_hub import try_to_load_from_cache
+    from .identity import IdentityError, hf_revision
 
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise InputError(f"model.name = {name!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is "
-                             "set (download it first, or point model.name at a local folder)")
+    try:  # keys hold the commit it resolves to (docs/run-directory.md)
+        hf_revision(name)
+    except IdentityError as e:
+        raise InputError(str(e)) from None
 
 
 def check_data(P: Params) -> None:

@@ -22,6 +22,7 @@ kept for the message another writer gets); a lock whose holder died is taken ove
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import platform
 import shutil
@@ -78,21 +79,35 @@ class Spec:
         return f"{self.step}/{self.key}"
 
 
-def environment() -> dict[str, Any]:
-    """Package versions, git commit and device of this process."""
+VERSIONED = ("torch", "transformers")  # a step reused under other versions of these is reported (not re-keyed)
+
+
+def versions() -> dict[str, str | None]:
+    """The versions of python and of the packages that compute artifacts."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
-    import torch
-
-    versions = {"python": platform.python_version()}
+    out = {"python": platform.python_version()}
     for pkg in ("hsr", "torch", "transformers", "numpy", "safetensors", "papermill"):
         try:
-            versions[pkg] = md.version(pkg)
+            out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
-            versions[pkg] = None
+            out[pkg] = None
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, git commit and device of this process."""
+    import torch
+
+    versions_ = versions()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
     lock = Path(__file__).resolve().parent.parent / "requirements.lock"
-    return {"versions": versions, "git_commit": git_commit(), "device": device, "host": platform.node(),
+    return {"versions": versions_, "git_commit": git_commit(), "device": device, "host": platform.node(),
             "requirements_lock": file_hash(lock) if lock.is_file() else None}
 
 
@@ -220,10 +235,20 @@ class Run:
         """True when the keyed folder finished with this fingerprint and its artifacts are intact.
         A finished folder that fails a check is named in a printed line (it will be recomputed)."""
         why = self.problem(spec)
+        if why is None:
+            self._note_versions(spec)
         if why in (None, "not computed", "made with other inputs"):
             return why is None
         _say(f"{spec.where}: {why}; recomputing it")
         return False
+
+    def _note_versions(self, spec: Spec) -> None:
+        """One line when a reused step was computed under other versions of torch or transformers."""
+        then, now = self.recorded(spec).get("versions") or {}, versions()
+        old = [k for k in VERSIONED if k in then and then[k] != now.get(k)]
+        if old:
+            _say(f"{spec.where}: computed under {', '.join(f'{k} {then[k]}' for k in old)} (now "
+                 f"{', '.join(f'{k} {now.get(k)}' for k in old)}); reused as it is (--force {spec.step} recomputes it)")
 
     def keys(self, step: str) -> list[str]:
         """The finished keys of ``step`` in this run directory, sorted."""
@@ -283,7 +308,8 @@ class Run:
                 files[str(path.relative_to(stage))] = [st.st_size, st.st_mtime_ns, file_hash(path)]
             record = {"step": spec.step, "key": spec.key, "fingerprint": spec.fingerprint, "wall_s": wall,
                       "finished": _now(), "invocation": self.token, "reads": spec.reads,
-                      "upstream": {u.step: u.key for u in spec.upstream}, "files": files}
+                      "upstream": {u.step: u.key for u in spec.upstream}, "files": files,
+                      "versions": versions(), "git_commit": git_commit()}
             atomic_write_json(stage / MARKER, record)
             final = self.path(spec)
             if final.exists():

@@ -93,6 +93,8 @@ def resolve(run_dir: str | os.PathLike, variant: str, overrides: Sequence[str] =
     from .steps import prune, realign
     from .steps import variants as V
 
+    from .identity import IdentityError
+
     run = open_run(run_dir, overrides)
     try:
         kind, _ = parse_variant(variant)
@@ -103,7 +105,10 @@ def resolve(run_dir: str | os.PathLike, variant: str, overrides: Sequence[str] =
                           f"export {EXPORT_VARIANTS}")
     vrun = run.using(V.variant_params(run.params, variant))
     spec = V.variant_spec(run.params, variant)
-    _check_done(vrun, prune.spec(vrun.params))
+    try:
+        _check_done(vrun, prune.spec(vrun.params))  # its key holds the base model's identity (content)
+    except IdentityError as err:
+        raise ExportError(str(err)) from None
     if kind == "pruned":
         return Source(vrun, variant, spec, prune.load(vrun), tuple(overrides))
     _check_done(vrun, spec)
@@ -153,16 +158,18 @@ def base_folder(name: str) -> Path | None:
 
 
 def base_identity(name: str, folder: Path | None, seed: int) -> dict[str, Any]:
-    """What identifies the base model: its name, kind, and the content hashes of its files."""
-    kind = base_kind(name)
-    ident: dict[str, Any] = {"name": name, "kind": kind, "hf_id": name if kind == "hf" else None}
-    if folder is None:  # built in code from its name and seed
-        ident["seed"] = seed
-        return ident
-    from .io import cached_file_hash
+    """What identifies the base model: its name, kind, the fingerprint the run's keys hold
+    (:func:`hsr_lib.identity.model_fingerprint`) and the content hash of each of its model files."""
+    from .identity import file_hash as cached_hash
+    from .identity import model_fingerprint, model_files
 
-    ident["files"] = {p.name: cached_file_hash(p) for p in sorted(folder.iterdir())
-                      if p.is_file() and (p.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt"))}
+    kind = base_kind(name)
+    ident: dict[str, Any] = {"name": name, "kind": kind, "hf_id": name if kind == "hf" else None,
+                             "fingerprint": model_fingerprint(name, seed)}
+    if folder is None:  # tiny: built in code from its name, build version and seed
+        ident["seed"] = seed
+    else:
+        ident["files"] = {str(p.relative_to(folder)): cached_hash(p) for p in model_files(folder)}
     return ident
 
 

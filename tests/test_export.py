@@ -68,6 +68,8 @@ def test_the_folder_holds_the_model_its_card_and_its_provenance(tiny_export):
     assert facts["files"]["model.safetensors"] == file_hash(out / "model.safetensors")
     assert facts["environment"]["versions"]["transformers"] and facts["params"]["realign"]["q"] == run.params.realign.q
     assert facts["zero_pattern"]["pruned_not_zero"] == 0
+    pruned_marker = read_json(res.pruned.dir / "_step.json")
+    assert facts["base_model"]["fingerprint"] == pruned_marker["reads"]["model"]["identity"]  # the run's own identity
     assert not list(out.parent.glob(".*partial"))  # nothing left of the staging folder
 
 

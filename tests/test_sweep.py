@@ -234,3 +234,10 @@ def test_a_toy_sweep_ends_with_notebook_07(tmp_path):
     assert rec["paper_degradations"]["Qwen2-VL"] == pytest.approx(15.47, abs=0.01)  # the paper's README: 15.47
     assert rec["sparsity_asr"]["pruned@0.8"] > rec["sparsity_asr"]["pruned@0.7"]  # more pruning, less safety
     assert set(rec["q_sweep"]) == {"0.05", "0.5"}
+    from hsr_lib import toy_study
+    from hsr_lib.sweep import results
+
+    res = results(tmp_path / "runs" / "sweeps" / "toy_small")  # what 07 read, through the same library call
+    at = res[(res.sparsity == 0.8) & (res.q == 0.5)]
+    assert res.point.nunique() == 4 and rec["has_toy_benchmarks"] is True
+    assert rec["sparsity_asr"]["pruned@0.8"] == pytest.approx(toy_study.numbers(at).set_index("variant").asr["pruned"])

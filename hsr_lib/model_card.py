@@ -18,6 +18,10 @@ CITATION = """@inproceedings{li2025hsr,
   author    = {Li, Yue and Yi, Xin and Shi, Dongsheng and de Melo, Gerard and Wang, Xiaoling and Wang, Linlin},
   booktitle = {Findings of the Association for Computational Linguistics: ACL 2025},
   year      = {2025},
+  address   = {Vienna, Austria},
+  publisher = {Association for Computational Linguistics},
+  pages     = {7600--7612},
+  doi       = {10.18653/v1/2025.findings-acl.394},
   eprint    = {2505.16104},
   archivePrefix = {arXiv}
 }"""

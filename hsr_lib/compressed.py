@@ -17,15 +17,13 @@ INDEX = "model.safetensors.index.json"
 EXTRA = "pip install 'hsr[export]' (compressed-tensors>=0.12,<0.14: later releases dropped sparse-bitmask)"
 
 
-def check_available() -> None:
-    """Raise an ExportError naming the extra when compressed-tensors (with sparse-bitmask) is missing."""
-    from .export import ExportError
-
+def missing() -> str | None:
+    """Why ``--format compressed-tensors`` cannot be written here (the extra to install), or None."""
     try:
         from compressed_tensors.compressors.sparse_compressors.sparse_bitmask import BitmaskCompressor  # noqa: F401
     except ImportError as err:
-        raise ExportError(f"--format compressed-tensors needs compressed-tensors with sparse-bitmask ({err}); "
-                          f"{EXTRA}") from None
+        return f"--format compressed-tensors needs compressed-tensors with sparse-bitmask ({err}); {EXTRA}"
+    return None
 
 
 def weight_files(folder: Path) -> list[Path]:

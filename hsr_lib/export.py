@@ -433,9 +433,10 @@ def export(run_dir: str | os.PathLike, variant: str, overrides: Sequence[str] = 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: use {' or '.join(FORMATS)}")
     if fmt == "compressed-tensors":
-        from .compressed import check_available
+        from .compressed import missing
 
-        check_available()
+        if why := missing():
+            raise ExportError(why)
     src = resolve(run_dir, variant, overrides)
     P = src.params
     folder = base_folder(P.model.name)

@@ -6,6 +6,9 @@
     hsr toy ship --seed S                   train it into the package and write its card's numbers
     hsr toy seeds --seeds 0-9 [--workers 2] the seed table (train and run the pipeline per seed)
     hsr sweep params/sweeps/FILE.yaml [--executor local|processes|slurm] [--workers N] [--status] [--dry-run]
+    hsr course student OUT                  the exercises' student version (solutions taken out)
+    hsr book RUN_DIR [--sweep DIR] [--out DIR]  a finished run's notebooks and the exercises as a static site
+    hsr export RUN_DIR --variant pruned|hsr|hsr_a|random_heads@S [-p KEY=VALUE ...] [--out DIR] [--format F]
 
 Exit codes: 0 done, 1 a step failed (the message names the notebook, its error and the executed
 copy), 2 bad params or inputs (named before any notebook starts), 3 a step's key is locked by
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 from .notebook import PROJECT_ROOT, read_records
+from .export import ExportError
 from .params import ParamsError, load_params, resolve_paths
 from .preflight import InputError, check, steps_for
 from .sweep import SweepError
@@ -205,6 +209,35 @@ def sweep_command(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def course_command(args) -> int:
+    """``hsr course student OUT``."""
+    from .course.student import write_student
+
+    written = write_student(args.out)
+    print(f"hsr: student version of {len(written)} exercise(s) -> {args.out}")
+    return EXIT_OK
+
+
+def book_command(args) -> int:
+    """``hsr book RUN_DIR``: the static site."""
+    from .book import BookError, build_book
+
+    try:
+        index = build_book(args.run_dir, args.out, sweep_dir=args.sweep)
+    except BookError as err:
+        raise InputError(str(err)) from None
+    print(f"hsr: site -> {index} (open it in a browser; it loads nothing from the network)")
+    return EXIT_OK
+
+
+def export_command(args) -> int:
+    """``hsr export RUN_DIR --variant V``: the variant as an HF model folder with its card (docs/using-the-model.md)."""
+    from .export import export, summary_line
+
+    print(summary_line(export(args.run_dir, args.variant, args.param, args.out, args.format)))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hsr", description="Hierarchical Safety Realignment: the notebook pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -240,6 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--status", action="store_true", help="show the points and their state, run nothing")
     w.add_argument("--dry-run", action="store_true", help="list what would run, with the shared upstream steps")
     w.add_argument("--no-findings", action="store_true", help="do not execute notebook 07 at the end")
+    c = sub.add_parser("course", help="the course: write the exercises' student version (docs/course.md)")
+    c.add_argument("action", choices=["student"])
+    c.add_argument("out", type=Path, help="the folder to write the student notebooks into")
+    b = sub.add_parser("book", help="render a finished run's notebooks and the exercises as a static site")
+    b.add_argument("run_dir", type=Path, help="a run directory with executed notebooks (runs/<name>)")
+    b.add_argument("--sweep", type=Path, default=None, help="a sweep folder whose executed 07 joins the site")
+    b.add_argument("--out", type=Path, default=None, help="the site's folder (default: RUN_DIR/book)")
+    x = sub.add_parser("export", help="a variant of a finished run as an HF model folder with a model card")
+    x.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/toy")
+    x.add_argument("--variant", required=True, help="pruned, hsr, hsr_a or random_heads@<seed>")
+    x.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's params to pick other finished artifacts (repeatable)")
+    x.add_argument("--out", type=Path, default=None, help="the folder to write (default RUN_DIR/export/<variant>-<key>)")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "compressed-tensors"],
+                   help="compressed-tensors: sparse-bitmask weights (needs the [export] extra)")
     args = ap.parse_args(argv)
     for flag in ("first", "last"):
         v = getattr(args, flag, None)
@@ -252,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             return toy_command(args)
         if args.cmd == "sweep":
             return sweep_command(args)
+        if args.cmd == "course":
+            return course_command(args)
+        if args.cmd == "book":
+            return book_command(args)
+        if args.cmd == "export":
+            return export_command(args)
         if args.cmd == "params":
             import yaml
 
@@ -259,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         return run_pipeline(args.params, args.param, args.first, args.last, args.notebooks, args.verify,
                             tuple(args.force))
-    except (ParamsError, InputError, SweepError) as err:
+    except (ParamsError, InputError, SweepError, ExportError) as err:
         print(f"hsr: {err}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

@@ -6,6 +6,9 @@
     hsr toy ship --seed S                   train it into the package and write its card's numbers
     hsr toy seeds --seeds 0-9 [--workers 2] the seed table (train and run the pipeline per seed)
     hsr sweep params/sweeps/FILE.yaml [--executor local|processes|slurm] [--workers N] [--status] [--dry-run]
+    hsr course student OUT                  the exercises' student version (solutions taken out)
+    hsr book RUN_DIR [--sweep DIR] [--out DIR]  a finished run's notebooks and the exercises as a static site
+    hsr export RUN_DIR --variant pruned|hsr|hsr_a|random_heads@S [-p KEY=VALUE ...] [--out DIR] [--format F]
 
 Exit codes: 0 done, 1 a step failed (the message names the notebook, its error and the executed
 copy), 2 bad params or inputs (named before any notebook starts), 3 a step's key is locked by
@@ -15,6 +18,7 @@ another process, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -22,10 +26,11 @@ import time
 from pathlib import Path
 
 from .notebook import PROJECT_ROOT, read_records
+from .export import ExportError
 from .params import ParamsError, load_params, resolve_paths
 from .preflight import InputError, check, steps_for
 from .sweep import SweepError
-from .runs import STEP_NAMES, Run
+from .runs import STEP_NAMES, Events, Run
 
 NOTEBOOK = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 LAST_RUN_NOTEBOOK = 6  # 07 (findings) reads a sweep, not a run: `hsr sweep` executes it
@@ -39,29 +44,44 @@ def notebooks(directory: Path, first: str | None = None, last: str | None = None
     return [p for p in found if lo <= int(p.name[:2]) <= hi]
 
 
-def kernel_parameters(run: Run) -> dict:
+def kernel_parameters(run: Run, events: Path | None = None) -> dict:
     """What a notebook of the run receives, as papermill parameters (the one channel into its
-    kernel): the resolved params, and this invocation's options for :func:`hsr_lib.notebook.start`."""
+    kernel): the resolved params, and this invocation's options for :func:`hsr_lib.notebook.start`
+    (``events``: the file its run-directory lines go to, for this terminal)."""
+    options = {"verify": run.verify, "force": list(run.force), "token": run.token, "text_progress": True}
     return {"params_path": None, "overrides": run.params.to_dict(),
-            "run_options": {"verify": run.verify, "force": list(run.force), "token": run.token, "text_progress": True}}
+            "run_options": {**options, **({"events": str(events)} if events else {})}}
 
 
-def _execute(nb: Path, out: Path, run: Run) -> None:
+class _QuietDeath(logging.Filter):
+    """Drop nbclient's log line for a dead kernel: ``hsr`` says it in its own one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Kernel died" not in record.getMessage()
+
+
+def _execute(nb: Path, out: Path, run: Run, events: Path | None = None) -> None:
     """Execute ``nb`` into a hidden working copy; only a success replaces ``out`` (the last good
-    executed copy), a failure is kept beside it as ``NN_name.failed.ipynb``."""
+    executed copy), a failure is kept beside it as ``NN_name.failed.ipynb``. The kernel is stopped
+    at once when the run ends or is interrupted (a graceful shutdown mid-cell makes it print a
+    traceback of its own)."""
     import papermill as pm
 
     from .kernel import execute_options
 
     work = out.with_name(f".{out.stem}.running.ipynb")
     failed = out.with_name(f"{out.stem}.failed.ipynb")
+    quiet = _QuietDeath()
+    logging.getLogger("papermill").addFilter(quiet)
     try:
-        pm.execute_notebook(str(nb), str(work), parameters=kernel_parameters(run), cwd=str(PROJECT_ROOT),
-                            progress_bar=sys.stderr.isatty(), **execute_options())
+        pm.execute_notebook(str(nb), str(work), parameters=kernel_parameters(run, events), cwd=str(PROJECT_ROOT),
+                            progress_bar=sys.stderr.isatty(), shutdown_kernel="immediate", **execute_options())
     except BaseException:
         if work.exists():
             os.replace(work, failed)
         raise
+    finally:
+        logging.getLogger("papermill").removeFilter(quiet)
     os.replace(work, out)
     failed.unlink(missing_ok=True)
 
@@ -71,6 +91,7 @@ def run_pipeline(params_path: str, overrides: list[str], first: str | None = Non
     """Check everything, then execute the notebooks into ``<run>/notebooks``; stop at the first that
     fails. Returns an exit code."""
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
 
     folder = notebook_dir or PROJECT_ROOT / "notebooks"
     todo = notebooks(folder, first, last)
@@ -87,21 +108,36 @@ def run_pipeline(params_path: str, overrides: list[str], first: str | None = Non
     print(f"hsr: run {run.dir} ({P.model.name}, fidelity {P.fidelity}), {len(todo)} notebook(s)")
     out_dir = run.dir / "notebooks"
     out_dir.mkdir(exist_ok=True)
+    events = Events(run.dir / f".events-{os.getpid()}.log")
+    try:
+        return _run_notebooks(todo, out_dir, run, events, pm.PapermillExecutionError, DeadKernelError)
+    finally:
+        events.close()
+
+
+def _run_notebooks(todo: list[Path], out_dir: Path, run: Run, events: Events, failure: type, death: type) -> int:
+    """Execute ``todo`` in order; a failure leaves the manifest's entries as they were (the failed
+    executed copy is its record) and is said in one line."""
     total = time.perf_counter()
     for i, nb in enumerate(todo, 1):
         out = out_dir / nb.name
         print(f"[{i}/{len(todo)}] {nb.stem} ...", flush=True)
         t0 = time.perf_counter()
+        failed = out.with_name(f"{out.stem}.failed.ipynb")
         try:
-            _execute(nb, out, run)
-        except pm.PapermillExecutionError as err:
-            wall = round(time.perf_counter() - t0, 2)
-            failed = out.with_name(f"{out.stem}.failed.ipynb")
-            entry = {"wall_s": wall, "status": "failed", "path": str(failed.relative_to(run.dir)), "error": err.ename}
-            run.record_notebook(nb.stem, entry)
+            _execute(nb, out, run, events.path)
+        except failure as err:
+            events.flush()
             print(f"hsr: {nb.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                   f"     executed copy: {failed}", file=sys.stderr)
             return EXIT_LOCKED if err.ename == "LockHeld" else EXIT_FAILED
+        except death:
+            events.flush()
+            print(f"hsr: {nb.name}: the kernel died while running it, most likely killed by the system for lack of "
+                  f"memory (the OOM killer; `dmesg` says); executed copy: {failed}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            events.flush()
         wall = round(time.perf_counter() - t0, 2)
         run.record_notebook(nb.stem, {"wall_s": wall, "status": "ok", "path": str(out.relative_to(run.dir)),
                                       "records": read_records(out)})
@@ -131,7 +167,7 @@ def toy_command(args) -> int:
     from . import toy_model, toy_study
 
     if args.action == "train":
-        out = args.out or toy_model.cache_dir() / f"qwen2_vl-s{args.seed}"
+        out = args.out or toy_model.cache_path(toy_model.Recipe(seed=args.seed))
         _, _, card = toy_model.train(toy_model.Recipe(seed=args.seed), out)
         print(f"hsr: toy seed {args.seed} trained in {card['train_s']} s ({card['train_cpu_s']} s of CPU) -> {out}")
         return EXIT_OK
@@ -186,6 +222,35 @@ def sweep_command(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def course_command(args) -> int:
+    """``hsr course student OUT``."""
+    from .course.student import write_student
+
+    written = write_student(args.out)
+    print(f"hsr: student version of {len(written)} exercise(s) -> {args.out}")
+    return EXIT_OK
+
+
+def book_command(args) -> int:
+    """``hsr book RUN_DIR``: the static site."""
+    from .book import BookError, build_book
+
+    try:
+        index = build_book(args.run_dir, args.out, sweep_dir=args.sweep)
+    except BookError as err:
+        raise InputError(str(err)) from None
+    print(f"hsr: site -> {index} (open it in a browser; it loads nothing from the network)")
+    return EXIT_OK
+
+
+def export_command(args) -> int:
+    """``hsr export RUN_DIR --variant V``: the variant as an HF model folder with its card (docs/using-the-model.md)."""
+    from .export import export, summary_line
+
+    print(summary_line(export(args.run_dir, args.variant, args.param, args.out, args.format)))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hsr", description="Hierarchical Safety Realignment: the notebook pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -223,6 +288,21 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--status", action="store_true", help="show the points and their state, run nothing")
     w.add_argument("--dry-run", action="store_true", help="list what would run, with the shared upstream steps")
     w.add_argument("--no-findings", action="store_true", help="do not execute notebook 07 at the end")
+    c = sub.add_parser("course", help="the course: write the exercises' student version (docs/course.md)")
+    c.add_argument("action", choices=["student"])
+    c.add_argument("out", type=Path, help="the folder to write the student notebooks into")
+    b = sub.add_parser("book", help="render a finished run's notebooks and the exercises as a static site")
+    b.add_argument("run_dir", type=Path, help="a run directory with executed notebooks (runs/<name>)")
+    b.add_argument("--sweep", type=Path, default=None, help="a sweep folder whose executed 07 joins the site")
+    b.add_argument("--out", type=Path, default=None, help="the site's folder (default: RUN_DIR/book)")
+    x = sub.add_parser("export", help="a variant of a finished run as an HF model folder with a model card")
+    x.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/toy")
+    x.add_argument("--variant", required=True, help="pruned, hsr, hsr_a or random_heads@<seed>")
+    x.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's params to pick other finished artifacts (repeatable)")
+    x.add_argument("--out", type=Path, default=None, help="the folder to write (default RUN_DIR/export/<variant>-<key>)")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "compressed-tensors"],
+                   help="compressed-tensors: sparse-bitmask weights (needs the [export] extra)")
     args = ap.parse_args(argv)
     for flag in ("first", "last"):
         v = getattr(args, flag, None)
@@ -235,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
             return toy_command(args)
         if args.cmd == "sweep":
             return sweep_command(args)
+        if args.cmd == "course":
+            return course_command(args)
+        if args.cmd == "book":
+            return book_command(args)
+        if args.cmd == "export":
+            return export_command(args)
         if args.cmd == "params":
             import yaml
 
@@ -242,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         return run_pipeline(args.params, args.param, args.first, args.last, args.notebooks, args.verify,
                             tuple(args.force))
-    except (ParamsError, InputError, SweepError) as err:
+    except (ParamsError, InputError, SweepError, ExportError) as err:
         print(f"hsr: {err}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

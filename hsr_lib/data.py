@@ -152,8 +152,14 @@ def load_records(train_json: str | os.PathLike) -> list[dict]:
         raise DataError(f"{str(path)!r} is not valid JSON: {e}") from None
     if not isinstance(data, list):
         raise DataError(f"{str(path)!r} must hold a JSON list of records, got {type(data).__name__}")
+    first: dict[str, int] = {}
     for i, rec in enumerate(data):
         _validate(rec, i, path)
+        rid = str(rec["id"])
+        if rid in first:  # ids key the samples, the answers and the scores: one record each
+            raise DataError(f"record id {rid!r} appears twice in {str(path)!r}: record #{first[rid]} and record #{i}; "
+                            "ids must be unique")
+        first[rid] = i
     return data
 
 

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -86,13 +87,62 @@ def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+HASH_CACHE_MIN = 64 << 10  # files this size or larger have their hash cached on disk (smaller: re-hashing is as cheap)
+LOUD_MIN = 512 << 20  # hashing a file this large prints a line (a 7B checkpoint takes seconds per shard)
+
+
+def cache_root() -> Path:
+    """``$HSR_CACHE`` (default ``~/.cache/hsr``): the toy checkpoints and the hash cache."""
+    return Path(os.environ.get("HSR_CACHE") or Path.home() / ".cache" / "hsr")
+
+
+def hashes_dir() -> Path:
+    """The content-hash cache, ``$HSR_CACHE/hashes/`` (one small JSON file per file version)."""
+    return cache_root() / "hashes"
+
+
 def cached_file_hash(path: str | os.PathLike) -> str:
-    """:func:`file_hash`, computed once per file version (path, size, modification time) in a
-    process: keys are computed often, and a data file can be tens of MB."""
+    """:func:`file_hash`, computed once per file version on this machine: cached in this process and,
+    for files of :data:`HASH_CACHE_MIN` bytes or more, in :func:`hashes_dir`, keyed by the absolute
+    path, size, modification and change time and inode (the change time catches a replacement that
+    kept the modification time, as ``cp -p`` or ``rsync -a`` leave it). Safe for concurrent processes."""
     st = os.stat(path)
-    return _file_hash_of(str(path), st.st_size, st.st_mtime_ns)
+    return _hash_of(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-@functools.lru_cache(maxsize=128)
-def _file_hash_of(path: str, size: int, mtime_ns: int) -> str:
-    return file_hash(path)
+@functools.lru_cache(maxsize=65536)
+def _hash_of(path: str, size: int, mtime_ns: int, ctime_ns: int, ino: int) -> str:
+    if size < HASH_CACHE_MIN:
+        return file_hash(path)
+    sig = [path, size, mtime_ns, ctime_ns, ino]
+    name = hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32]
+    entry = hashes_dir() / name[:2] / f"{name}.json"
+    try:
+        rec = json.loads(entry.read_text())
+        if rec.get("signature") == sig and isinstance(rec.get("hash"), str):
+            return rec["hash"]
+    except (OSError, ValueError):
+        pass  # absent, or unreadable (a crash mid-write on a filesystem without ordered renames): re-hash
+    if size >= LOUD_MIN:
+        print(f"[hsr] hashing {path} ({size / 2**30:.1f} GiB; once on this machine, cached in {hashes_dir()})",
+              file=sys.stderr, flush=True)
+    digest = file_hash(path)
+    _store(entry, {"signature": sig, "hash": digest})
+    return digest
+
+
+def _store(entry: Path, rec: dict) -> None:
+    """Write a cache entry atomically (temporary file, then rename: a reader sees all or nothing;
+    no fsync: a lost entry is only re-hashed); a cache that cannot be written is skipped, never an error."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(rec))
+            os.replace(tmp, entry)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass

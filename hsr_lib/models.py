@@ -115,6 +115,19 @@ def _tiny(name: str, seed: int):
         raise ModelError(f"model.name = {name!r}: {err}") from None
 
 
+def _hub(name: str) -> dict[str, str]:
+    """``{"revision": <commit>}`` for an HF id (load exactly the snapshot its key names), ``{}`` for a
+    local folder; a ModelError naming an id whose revision cannot be resolved."""
+    from .identity import IdentityError, hf_revision
+
+    if Path(name).expanduser().is_dir():
+        return {}
+    try:
+        return {"revision": hf_revision(name)}
+    except IdentityError as err:
+        raise ModelError(str(err)) from None
+
+
 def load_model(name: str, family: str = "auto", dtype: str = "auto", device: str = "auto",
                attn_implementation: str = "sdpa", seed: int = 0) -> LoadedModel:
     """Load ``name``: an HF id, a local folder, or ``tiny:<name>`` (random weights, built in code)."""
@@ -131,8 +144,9 @@ def load_model(name: str, family: str = "auto", dtype: str = "auto", device: str
     else:
         from transformers import AutoConfig, AutoModelForImageTextToText
 
+        hub = _hub(name)
         try:
-            config = AutoConfig.from_pretrained(name)
+            config = AutoConfig.from_pretrained(name, **hub)
         except (OSError, ValueError) as err:
             where = "local folder" if Path(name).exists() else "HF id (not in the local cache?)"
             raise ModelError(f"model.name = {name!r}: cannot read its config as a {where}: {err}") from None
@@ -141,8 +155,8 @@ def load_model(name: str, family: str = "auto", dtype: str = "auto", device: str
         except ValueError as err:
             raise ModelError(f"model.name = {name!r}: {err}") from None
         model = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=dt, attn_implementation=attn_implementation).to(dev)
-        processor = load_processor(name)
+            name, dtype=dt, attn_implementation=attn_implementation, **hub).to(dev)
+        processor = load_processor(name, **hub)
     model.eval()
     try:
         adapter = adapter_for(model.config, family)
@@ -167,7 +181,7 @@ def load_processor_only(name: str, seed: int = 0):
     if name.startswith("tiny:"):
         return _tiny(name, seed)[1]
     try:
-        return load_processor(name)
+        return load_processor(name, **_hub(name))
     except OSError as err:
         raise ModelError(f"model.name = {name!r}: cannot load its processor: {err}") from None
 
@@ -181,6 +195,6 @@ def model_config(name: str, seed: int = 0):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, **_hub(name))
     except (OSError, ValueError) as err:
         raise ModelError(f"model.name = {name!r}: cannot read its config: {err}") from None

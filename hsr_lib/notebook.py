@@ -11,21 +11,25 @@ from typing import Any, Sequence
 
 from .params import load_params
 from .progress import use_text
-from .runs import Run
+from .runs import Run, use_events
 
 RECORD_MIME = "application/vnd.hsr.record+json"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def start(params_path: str | None, overrides: dict | list | None = None, *, verify: bool = False,
-          force: Sequence[str] = (), token: str | None = None, text_progress: bool = False) -> Run:
+          force: Sequence[str] = (), token: str | None = None, text_progress: bool = False,
+          events: str | None = None) -> Run:
     """Load the params (path relative to the project root when run from ``notebooks/``), open
     the run directory with this invocation's options (:class:`~hsr_lib.runs.Run`: ``verify``,
-    ``force``, ``token``; ``text_progress`` draws progress bars as text) and print where it is.
+    ``force``, ``token``; ``text_progress`` draws progress bars as text; ``events`` names the file
+    that repeats the run directory's lines on the terminal, :func:`~hsr_lib.runs.use_events`) and
+    print where it is.
     ``hsr run`` passes the options in the notebook's ``run_options`` parameter."""
     if Path.cwd().name == "notebooks" and (Path.cwd().parent / "hsr_lib").is_dir():
         os.chdir(Path.cwd().parent)  # relative paths in params files are relative to the project root
     use_text(text_progress)
+    use_events(events)
     params = load_params(params_path, overrides or None)
     run = Run.open(params, verify=verify, force=tuple(force), token=token)
     print(f"run      {run.dir}\nmodel    {params.model.name}\nfidelity {params.fidelity}")

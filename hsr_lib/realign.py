@@ -188,6 +188,7 @@ def restore_set(P: torch.Tensor, S: torch.Tensor, U: torch.Tensor, region: torch
 
 
 def check_variant(variant: str) -> None:
+    """Refuse a realignment variant other than hsr, hsr_a and random_heads."""
     if variant not in VARIANTS:
         raise ValueError(f"realign variant {variant!r}: use hsr, hsr_a or random_heads")
 

@@ -22,6 +22,8 @@ kept for the message another writer gets); a lock whose holder died is taken ove
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
+import functools
 import os
 import platform
 import shutil
@@ -31,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+import sys
 from typing import Any, Callable, Iterator, Mapping
 
 from .io import atomic_write_json, file_hash, read_json, stable_hash
@@ -78,21 +81,35 @@ class Spec:
         return f"{self.step}/{self.key}"
 
 
-def environment() -> dict[str, Any]:
-    """Package versions, git commit and device of this process."""
+VERSIONED = ("torch", "transformers")  # a step reused under other versions of these is reported (not re-keyed)
+
+
+def versions() -> dict[str, str | None]:
+    """The versions of python and of the packages that compute artifacts."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
-    import torch
-
-    versions = {"python": platform.python_version()}
+    out = {"python": platform.python_version()}
     for pkg in ("hsr", "torch", "transformers", "numpy", "safetensors", "papermill"):
         try:
-            versions[pkg] = md.version(pkg)
+            out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
-            versions[pkg] = None
+            out[pkg] = None
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, git commit and device of this process."""
+    import torch
+
+    versions_ = versions()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
     lock = Path(__file__).resolve().parent.parent / "requirements.lock"
-    return {"versions": versions, "git_commit": git_commit(), "device": device, "host": platform.node(),
+    return {"versions": versions_, "git_commit": git_commit(), "device": device, "host": platform.node(),
             "requirements_lock": file_hash(lock) if lock.is_file() else None}
 
 
@@ -125,13 +142,60 @@ class LockHeld(RuntimeError):
 
 
 _SAID: set[str] = set()  # integrity messages already printed by this process
+_EVENTS: list[str | None] = [None]  # the file say() also appends to (use_events)
 _HASHED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime, hash) this process has re-hashed and found equal
 
 
-def _say(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        print(f"[hsr] {message}", flush=True)
+def say(message: str) -> None:
+    """Print ``[hsr] message`` once per process: what the run directory did that a user must hear of
+    (an integrity failure and its recompute, a missing marker, a lock taken over, staging cleaned,
+    answers regenerated). Under ``hsr run`` / ``hsr sweep`` (:func:`use_events`) the line is also
+    appended to a file the command reads back, so it is said on the terminal, not only in a notebook."""
+    if message in _SAID:
+        return
+    _SAID.add(message)
+    print(f"[hsr] {message}", flush=True)
+    events = _EVENTS[0]
+    if events:
+        try:
+            with open(events, "a", encoding="utf-8") as f:  # one short append per line: whole under O_APPEND
+                f.write(f"[hsr] {message}".replace("\n", " ") + "\n")
+        except OSError:
+            pass  # the line was printed; the terminal copy is best effort
+
+
+def use_events(path: str | os.PathLike | None) -> None:
+    """Append every later :func:`say` line of this process to ``path`` too (None: stop). ``hsr run``
+    passes it to its kernels (``run_options``), ``hsr sweep`` to its workers."""
+    _EVENTS[0] = None if path is None else str(path)
+
+
+class Events:
+    """The lines the run directory's code said (:func:`say`) in kernels and worker processes, read
+    back from their file (:func:`use_events`) and repeated on stderr after each notebook or wave."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.said = path, 0, set()
+        path.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """Print the lines written since the last call, each once, on stderr."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        self.offset += len(whole)
+        for line in whole.decode("utf-8", "replace").splitlines():
+            if line not in self.said:
+                self.said.add(line)
+                print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.flush()
+        self.path.unlink(missing_ok=True)
 
 
 class Run:
@@ -220,10 +284,25 @@ class Run:
         """True when the keyed folder finished with this fingerprint and its artifacts are intact.
         A finished folder that fails a check is named in a printed line (it will be recomputed)."""
         why = self.problem(spec)
+        if why == "not computed" and self.path(spec).is_dir():
+            marker = self.path(spec) / MARKER
+            state = "is unreadable" if marker.exists() else "is missing"
+            say(f"{spec.where}: {MARKER} {state}, so the folder is not known to be complete; recomputing it")
+            return False
+        if why is None:
+            self._note_versions(spec)
         if why in (None, "not computed", "made with other inputs"):
             return why is None
-        _say(f"{spec.where}: {why}; recomputing it")
+        say(f"{spec.where}: {why}; recomputing it")
         return False
+
+    def _note_versions(self, spec: Spec) -> None:
+        """One line when a reused step was computed under other versions of torch or transformers."""
+        then, now = self.recorded(spec).get("versions") or {}, versions()
+        old = [k for k in VERSIONED if k in then and then[k] != now.get(k)]
+        if old:
+            say(f"{spec.where}: computed under {', '.join(f'{k} {then[k]}' for k in old)} (now "
+                 f"{', '.join(f'{k} {now.get(k)}' for k in old)}); reused as it is (--force {spec.step} recomputes it)")
 
     def keys(self, step: str) -> list[str]:
         """The finished keys of ``step`` in this run directory, sorted."""
@@ -253,7 +332,7 @@ class Run:
             if holder.is_file():
                 try:
                     h = read_json(holder)
-                    _say(f"{spec.where}: taking over the lock of pid {h.get('pid')} on {h.get('host')} "
+                    say(f"{spec.where}: taking over the lock of pid {h.get('pid')} on {h.get('host')} "
                          f"(since {h.get('since')}), which ended without releasing it")
                 except (OSError, ValueError):
                     pass
@@ -263,16 +342,42 @@ class Run:
             holder.unlink(missing_ok=True)
             lock.release()
 
+    def clean_staging(self, spec: Spec, keep: tuple[str, ...] = ()) -> None:
+        """Remove from ``spec``'s staging folder everything but the files matching ``keep`` (glob
+        patterns relative to it, e.g. ``layers/layer_*.json``: what the step resumes from), each
+        removal named in a line: a stray file there would otherwise be promoted with the artifacts."""
+        stage = self.staging(spec)
+
+        def walk(folder: Path) -> None:
+            for p in sorted(folder.iterdir()):
+                rel = p.relative_to(stage).as_posix()
+                if p.is_dir() and not p.is_symlink():
+                    if any(k.startswith(rel + "/") for k in keep):
+                        walk(p)
+                        continue
+                    shutil.rmtree(p)
+                elif any(fnmatch.fnmatchcase(rel, k) for k in keep):
+                    continue
+                else:
+                    p.unlink()
+                say(f"{spec.where}: removed {rel!r} from its staging folder {stage.name} (not something this "
+                    "step resumes from)")
+
+        if stage.is_dir():
+            walk(stage)
+
     @contextmanager
-    def step(self, spec: Spec) -> Iterator[Path]:
+    def step(self, spec: Spec, keep: tuple[str, ...] = ()) -> Iterator[Path]:
         """Run a step's body in its staging folder, holding its key's lock; on success record the
         marker (with every artifact's size, modification time and hash) and move the folder to its
-        key, then record the params and the manifest. A failure leaves the staging folder (and its
-        saved progress) behind and the finished folder, params and manifest untouched."""
+        key, then record the params and the manifest. A staging folder left by an earlier attempt
+        keeps only what ``keep`` matches (:meth:`clean_staging`). A failure leaves the staging folder
+        (and its saved progress) behind and the finished folder, params and manifest untouched."""
         with self.lock(spec):
             stage = self.staging(spec)
-            stage.mkdir(parents=True, exist_ok=True)
             (stage / MARKER).unlink(missing_ok=True)
+            self.clean_staging(spec, keep)
+            stage.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             yield stage
             wall = round(time.perf_counter() - t0, 3)
@@ -283,7 +388,8 @@ class Run:
                 files[str(path.relative_to(stage))] = [st.st_size, st.st_mtime_ns, file_hash(path)]
             record = {"step": spec.step, "key": spec.key, "fingerprint": spec.fingerprint, "wall_s": wall,
                       "finished": _now(), "invocation": self.token, "reads": spec.reads,
-                      "upstream": {u.step: u.key for u in spec.upstream}, "files": files}
+                      "upstream": {u.step: u.key for u in spec.upstream}, "files": files,
+                      "versions": versions(), "git_commit": git_commit()}
             atomic_write_json(stage / MARKER, record)
             final = self.path(spec)
             if final.exists():

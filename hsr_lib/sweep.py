@@ -10,13 +10,17 @@ Each point is an ordinary run through the library — the same steps and keyed a
 model's name unless the sweep sets it), so points share every upstream artifact whose inputs are
 equal. Upstream work shared by several points (data, Ships, scores, pruning) is done first, once
 per key; then the points. A finished point is skipped on a re-run; a failing point is reported with
-its run directory and log and does not stop the others.
+its run directory and log and does not stop the others; a failing shared step fails only the points
+that stand on it, each reported with the step's log. Every point's params and inputs are checked
+before anything runs (``--dry-run`` too): a bad one stops the sweep naming the point.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -112,6 +116,39 @@ def _grid_points(path: Path, grid: Any, groups: list[list[str]]) -> list[dict[st
     return [{k: v for d in combo for k, v in d.items()} for combo in itertools.product(*axes)] if axes else [{}]
 
 
+def validate(sw: Sweep, executor: dict[str, Any]) -> None:
+    """Check every point before anything runs, as ``hsr run`` checks its params: the model name,
+    the data and benchmarks and the bounds of the model's geometry; a :class:`SweepError` names the
+    first bad point. On Slurm the data and models live on the nodes, so only what holds anywhere
+    is checked here (the params, and ``tiny:`` / ``toy:`` model names)."""
+    from .preflight import InputError, check, check_model
+    from .runs import STEP_NAMES, resolve_paths
+
+    done: dict[str, str | None] = {}
+    for p in sw.points:
+        try:
+            P = resolve_paths(sw.params(p))
+            key = stable_hash(P.to_dict())
+            if key not in done:
+                done[key] = None
+                try:
+                    if executor.get("kind") == "slurm":
+                        if P.model.name.startswith(("tiny:", "toy:")):
+                            check_model(P.model.name)
+                    else:
+                        check(P, set(STEP_NAMES))
+                except InputError as e:
+                    done[key] = str(e)
+            if done[key]:
+                raise SweepError(f"{sw.path}: point {point_id(p)} ({_values(p)}): {done[key]}")
+        except ParamsError as e:
+            raise SweepError(f"{sw.path}: point {point_id(p)} ({_values(p)}): {e}") from None
+
+
+def _values(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items()) or "the base params"
+
+
 def point_id(point: dict[str, Any]) -> str:
     """A short readable id of a point: its values, then a hash."""
     label = "_".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "base"
@@ -134,23 +171,28 @@ def point_status(sw: Sweep, point: dict[str, Any]) -> dict[str, Any]:
     return {**row, "evaluation": spec.where, "done": run.is_done(spec)}
 
 
+def upstream_of(sw: Sweep, point: dict[str, Any]) -> tuple[str, str]:
+    """What a point stands on, one name per wave: ``<run dir>: <ships> + <scores>`` and ``<run dir>: <prune>``."""
+    from . import steps
+
+    P = sw.params(point)
+    where = Path(P.runs_dir) / P.run_name
+    try:
+        first = " + ".join(s.where for s in (steps.ships.spec(P), steps.scores.spec(P)))
+        prune = steps.prune.spec(P).where
+    except Exception as e:  # e.g. the data is not on this machine: the points will name it when they run
+        first = prune = f"cannot be planned here ({type(e).__name__}: {e})"
+    return f"{where}: {first}", f"{where}: {prune}"
+
+
 def shared_upstream(sw: Sweep, points: list[dict[str, Any]]) -> list[list[tuple[str, dict[str, Any]]]]:
     """The upstream work the points share, in two waves of distinct keys (so parallel jobs never
     wait on each other): data, Ships and scores once per run directory and data, then each distinct
     pruning. Each wave is a list of ``(what, a point whose params compute it)``."""
-    from . import steps
-
     waves: list[dict[str, dict[str, Any]]] = [{}, {}]
     for p in points:
-        P = sw.params(p)
-        where = Path(P.runs_dir) / P.run_name
-        try:
-            first = " + ".join(s.where for s in (steps.ships.spec(P), steps.scores.spec(P)))
-            prune = steps.prune.spec(P).where
-        except Exception as e:  # e.g. the data is not on this machine: the points will name it when they run
-            first = prune = f"cannot be planned here ({type(e).__name__}: {e})"
-        waves[0].setdefault(f"{where}: {first}", p)
-        waves[1].setdefault(f"{where}: {prune}", p)
+        for wave, what in zip(waves, upstream_of(sw, p)):
+            wave.setdefault(what, p)
     return [list(w.items()) for w in waves]
 
 
@@ -168,29 +210,44 @@ def _retrying(fn: Callable[[], Any], patience_s: float = 3600.0) -> Any:
             time.sleep(2.0)
 
 
-def run_upstream(sw_path: str, point: dict[str, Any], wave: int) -> str:
-    """Compute one wave of a point's shared upstream steps (a job of its own on a cluster)."""
+def run_upstream(sw_path: str, point: dict[str, Any], wave: int, log_dir: str | None = None,
+                 events: str | None = None) -> dict[str, Any]:
+    """Compute one wave of a point's shared upstream steps (a job of its own on a cluster); a failure
+    is returned, not raised, with the log that holds its traceback. ``events``: the file the run
+    directory's lines also go to (:func:`~hsr_lib.runs.use_events`), for the terminal."""
+    import contextlib
+
     from . import steps
-    from .runs import Run
+    from .runs import Run, use_events
 
-    P = load_sweep(sw_path).params(point)
-    run = Run.open(P)
-    if wave == 0:
-        _retrying(lambda: steps.ships.run(run, progress=False))
-        _retrying(lambda: steps.scores.run(run, progress=False))
-    else:
-        _retrying(lambda: steps.prune.run(run, progress=False))
-    return str(run.dir)
+    use_events(events)
+
+    log = Path(log_dir or ".") / f"upstream-{wave}-{point_id(point)}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            P = load_sweep(sw_path).params(point)
+            run = Run.open(P)
+            if wave == 0:
+                _retrying(lambda: steps.ships.run(run, progress=False))
+                _retrying(lambda: steps.scores.run(run, progress=False))
+            else:
+                _retrying(lambda: steps.prune.run(run, progress=False))
+            return {"status": "done", "run_dir": str(run.dir), "log": str(log)}
+        except Exception as e:  # reported; the points that stand on it fail, the others go on
+            traceback.print_exc()
+            return {"status": "failed", "error": f"{type(e).__name__}: {e}", "log": str(log)}
 
 
-def run_point(sw_path: str, point: dict[str, Any], log_dir: str) -> dict[str, Any]:
+def run_point(sw_path: str, point: dict[str, Any], log_dir: str, events: str | None = None) -> dict[str, Any]:
     """One point: every step through the library, into its run directory; failures are returned,
     not raised, with the log that holds the traceback."""
     import contextlib
 
     from . import steps
-    from .runs import Run
+    from .runs import Run, use_events
 
+    use_events(events)
     log = Path(log_dir) / f"{point_id(point)}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -207,16 +264,78 @@ def run_point(sw_path: str, point: dict[str, Any], log_dir: str) -> dict[str, An
                     "wall_s": round(time.perf_counter() - t0, 1), "log": str(log)}
 
 
+def _run_points(sw: Sweep, ex: dict[str, Any], todo: list[dict[str, Any]], folder: Path, events) -> dict[str, dict]:
+    """The shared upstream waves, then the points whose upstream succeeded; a point standing on a
+    failed shared step fails with that step's error and log. Returns the points' results by id."""
+    deps = {point_id(p): upstream_of(sw, p) for p in todo}
+    broken: dict[str, dict[str, Any]] = {}  # upstream name -> the failed job's result
+    logs = str(folder / "logs")
+    for i in range(2):
+        jobs: dict[str, dict[str, Any]] = {}
+        for p in todo:
+            what = deps[point_id(p)][i]
+            if what not in jobs and what not in broken and not any(d in broken for d in deps[point_id(p)][:i]):
+                jobs[what] = p  # computed with the params of a point whose earlier waves succeeded
+        results = _map(ex["kind"], int(ex.get("workers", 1)), run_upstream,
+                       [(str(sw.path), p, i, logs, str(events.path)) for p in jobs.values()], folder, ex)
+        events.flush()
+        for what, r in zip(jobs, results):
+            if r["status"] != "done":
+                broken[what] = r
+                print(f"hsr sweep: shared step {what} failed: {r['error']}\n  log {r['log']}", file=sys.stderr)
+    out: dict[str, dict[str, Any]] = {}
+    runnable = []
+    for p in todo:
+        bad = next((broken[d] for d in deps[point_id(p)] if d in broken), None)
+        if bad is None:
+            runnable.append(p)
+        else:
+            what = next(d for d in deps[point_id(p)] if d in broken)
+            out[point_id(p)] = {"point": point_id(p), "status": "failed", "log": bad["log"], "wall_s": 0.0,
+                                "error": f"the shared step it stands on failed ({what}: {bad['error']})"}
+    results = _map(ex["kind"], int(ex.get("workers", 1)), run_point,
+                   [(str(sw.path), p, logs, str(events.path)) for p in runnable], folder, ex)
+    events.flush()
+    out.update({r["point"]: r for r in results})
+    return out
+
+
+def _ignore_interrupt() -> None:
+    """A worker leaves Ctrl-C to the sweep's process, which stops it (no traceback per worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker without its warning about the semaphores of workers
+    stopped by Ctrl-C (their progress-bar locks): ``hsr`` says the interruption in its one line."""
+    from multiprocessing import resource_tracker
+
+    sys.warnoptions.append("ignore::UserWarning")  # read once, by the tracker process started here
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.pop()
+
+
 def _map(kind: str, workers: int, fn: Callable, args: list[tuple], folder: Path, executor: dict[str, Any]) -> list:
     """Run ``fn(*a)`` for every ``a`` with the executor of the sweep."""
     if kind == "local" or len(args) <= 1 and kind != "slurm":
         return [fn(*a) for a in args]
     if kind == "processes":
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            return list(pool.map(fn, *zip(*args)))
+        _quiet_resource_tracker()
+        pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_interrupt)
+        try:
+            out = pool.starmap(fn, args, chunksize=1)
+        except BaseException:  # Ctrl-C: the workers stop at once, and `hsr` says it in one line
+            pool.terminate()
+            raise
+        pool.close()
+        pool.join()
+        return out
     ex = slurm_executor(folder, executor)
     jobs = ex.map_array(fn, *zip(*args)) if args else []
     return [j.result() for j in jobs]
@@ -248,6 +367,7 @@ def run_sweep(path: str | Path, executor: dict[str, Any] | None = None, dry_run:
     then execute notebook 07 over them. Returns the points' rows."""
     sw = load_sweep(path)
     ex = {**sw.executor, **(executor or {})}
+    validate(sw, ex)
     folder = sw.folder()
     status = [point_status(sw, p) for p in sw.points]
     todo = [p for p, s in zip(sw.points, status) if not s["done"]]
@@ -263,11 +383,14 @@ def run_sweep(path: str | Path, executor: dict[str, Any] | None = None, dry_run:
         return status
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for i, wave in enumerate(waves):
-        _map(ex["kind"], int(ex.get("workers", 1)), run_upstream, [(str(sw.path), p, i) for _, p in wave], folder, ex)
-    results = _map(ex["kind"], int(ex.get("workers", 1)), run_point,
-                   [(str(sw.path), p, str(folder / "logs")) for p in todo], folder, ex)
-    by_id = {r["point"]: r for r in results}
+    from .runs import Events, use_events
+
+    events = Events(folder / f".events-{os.getpid()}.log")
+    try:
+        by_id = _run_points(sw, ex, todo, folder, events)
+    finally:
+        events.close()
+        use_events(None)  # the local executor ran the points in this process
     rows = []
     for p, s in zip(sw.points, status):
         r = by_id.get(s["point"], {"status": "done" if s["done"] else "missing"})

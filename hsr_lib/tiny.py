@@ -16,6 +16,8 @@ from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
 from .processors import image_only_processor
 
+BUILD_VERSION = 1  # bump when build_tiny makes other weights or processors for a name and seed (it is in keys)
+
 # Chat templates in each family's format (content: a string or a list of {"type": ...} parts).
 _PARTS = (
     "{%- macro parts(content, image) -%}"

@@ -11,11 +11,13 @@ seed, so it is bitwise repeatable on one machine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -192,7 +194,7 @@ def ship(seed: int) -> dict:
     """Make seed ``seed`` of the recipe the shipped checkpoint: the cached one when it was trained
     with this very recipe, else trained now; returns its card (the numbers are added by the caller)."""
     recipe = Recipe(seed=seed)
-    cached = cache_dir() / f"qwen2_vl-s{seed}"
+    cached = cache_path(recipe)
     card_path = cached / "toy_card.json"
     if card_path.is_file() and json.loads(card_path.read_text()).get("recipe") == json.loads(json.dumps(asdict(recipe))):
         tmp = SHIPPED.with_name(f".{SHIPPED.name}.tmp")
@@ -206,6 +208,20 @@ def ship(seed: int) -> dict:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("HSR_CACHE", Path.home() / ".cache" / "hsr")) / "toy"
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """A short hash of the whole recipe (every field of :class:`Recipe`, whatever they are) and of the
+    code that trains it (this module and the toy world), so a changed recipe never reuses an old toy."""
+    from .io import stable_hash
+
+    code = {m.__name__: hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (W, sys.modules[__name__])}
+    return stable_hash({"recipe": asdict(recipe), "code": code})[:10]
+
+
+def cache_path(recipe: Recipe) -> Path:
+    """Where a recipe's checkpoint is cached: ``$HSR_CACHE/toy/qwen2_vl[-mha]-s<seed>-<recipe hash>``."""
+    return cache_dir() / f"qwen2_vl{'-mha' if recipe.kv_heads == 4 else ''}-s{recipe.seed}-{recipe_hash(recipe)}"
 
 
 def parse(name: str) -> Recipe | None:
@@ -226,7 +242,7 @@ def checkpoint(name: str, train_missing: bool = True) -> Path:
         if not (SHIPPED / "config.json").is_file():
             raise FileNotFoundError(f"{SHIPPED}: the shipped toy checkpoint is missing (hsr toy ship)")
         return SHIPPED
-    path = cache_dir() / f"qwen2_vl{'-mha' if recipe.kv_heads == 4 else ''}-s{recipe.seed}"
+    path = cache_path(recipe)
     if not (path / "config.json").is_file():
         if not train_missing:
             raise FileNotFoundError(f"{path}: {name} is not trained yet (hsr toy train)")

@@ -74,11 +74,17 @@ def rsr(table: pd.DataFrame, variant: str, column: str = "asr") -> float | None:
 
 def dev_world(root: str | Path | None = None) -> dict[str, str]:
     """The development world (``toy_world.DEV_SEED``: the test set's generator with another seed),
-    written once under ``root`` (default: the toy cache); ``eval.data_roots`` pointing at it."""
+    written once under ``root`` (default: the toy cache, keyed by the generator's code);
+    ``eval.data_roots`` pointing at it."""
     from . import toy_world as W
     from .toy_model import cache_dir
 
-    root = Path(root) if root is not None else cache_dir() / f"dev-world-s{W.DEV_SEED}"
+    if root is None:  # keyed by the generator's code too, so a changed world is written afresh
+        import hashlib
+
+        code = hashlib.sha256(Path(W.__file__).read_bytes()).hexdigest()[:10]
+        root = cache_dir() / f"dev-world-s{W.DEV_SEED}-{code}"
+    root = Path(root)
     if not all((root / split / "test.json").is_file() for split in SPLITS.values()):
         import os
         import shutil
@@ -122,9 +128,9 @@ def seed_rows(seed: int, runs_dir: str | Path, worlds: Sequence[str] = ("test",)
     """Train (or reuse) seed ``seed`` and run its pipeline, evaluated on each of ``worlds`` (the
     frozen test set, the development world; the steps before the evaluation are shared): one row
     of the seed table per world."""
-    from .toy_model import cache_dir, checkpoint
+    from .toy_model import Recipe, cache_path, checkpoint
 
-    cached = (cache_dir() / f"qwen2_vl-s{seed}" / "config.json").is_file()
+    cached = (cache_path(Recipe(seed=seed)) / "config.json").is_file()
     t0 = time.perf_counter()
     path = checkpoint(f"toy:qwen2_vl-s{seed}")
     train_s = None if cached else time.perf_counter() - t0  # not trained here: no time to report

@@ -129,6 +129,15 @@ def toy_run(tmp_path_factory):
     return _hsr_run("params/toy.yaml", tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def toy_story(tmp_path_factory):
+    """The shipped toy's whole pipeline through the library (``toy_study.run_toy``), once per
+    session and shared read-only: ``(run, numbers, summary)``."""
+    from hsr_lib import toy_study
+
+    return toy_study.run_toy("toy:qwen2_vl", tmp_path_factory.mktemp("toy_runs"))
+
+
 @pytest.fixture
 def fresh_lm():
     """``fresh_lm(name)`` → a new float32 CPU ``LoadedModel`` of ``tiny:<name>`` that a test may modify."""

@@ -3,6 +3,7 @@ at EOS, and the resumable JSONL store."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,7 +73,8 @@ def test_store_resumes_and_drops_other_configs(tmp_path, items, monkeypatch):
     assert [len(c) for c in calls] == [2, 2, 1]
     assert [r["item_id"] for r in rows] == [it.id for it in items[:5]]
     assert len(items) == 6
-    assert set(rows[0]) == {"benchmark", "item_id", "variant", "prompt", "response", "n_tokens", "config"}
+    assert set(rows[0]) == {"benchmark", "item_id", "variant", "prompt", "response", "n_tokens", "config", "input",
+                            "hash"}
     assert read_jsonl(path) == rows and not list(path.parent.glob("*.tmp"))
     # a re-run with the same config generates only what is missing
     calls.clear()
@@ -93,11 +95,68 @@ def test_store_resumes_and_drops_other_configs(tmp_path, items, monkeypatch):
 def test_store_flushes_on_a_timer(tmp_path, items):
     path = tmp_path / "r.jsonl"
     store = ResponseStore(path, "c", flush_s=3600)
-    row = {"benchmark": "b", "item_id": items[0].id, "variant": "dense", "prompt": items[0].question, "response": "x",
-           "n_tokens": 1, "config": "c"}
+    row = store.row(items[0], "x", 1, "dense")
     store.add([row])
     assert not path.exists()  # not yet: the timer has not run out
     store.flush()
     assert read_jsonl(path) == [row]
-    ResponseStore(path, "c", flush_s=0).add([{**row, "item_id": items[1].id}])
+    ResponseStore(path, "c", flush_s=0).add([store.row(items[1], "x", 1, "dense")])
     assert len(read_jsonl(path)) == 2  # flush_s=0 writes at once
+
+
+def _answers(tmp_path, items, monkeypatch):
+    """A saved answers file of ``items`` and a list that records which items get generated."""
+    calls = []
+
+    def fake(lm, batch, max_new_tokens):
+        calls.append(it.id for it in batch)
+        return [(f"answer to {it.id}", 2) for it in batch]
+
+    monkeypatch.setattr(G, "generate_batch", fake)
+    path = tmp_path / "dense" / "bench.jsonl"
+    generate_responses(None, items, "dense", ResponseStore(path, "cfg"), 8, 8, progress=False)
+    calls.clear()
+    return path, calls
+
+
+def test_an_edited_answer_is_named_and_generated_again_the_others_kept(tmp_path, items, monkeypatch, capsys):
+    path, calls = _answers(tmp_path, items, monkeypatch)
+    lines = path.read_text().splitlines()
+    edited = json.loads(lines[2])
+    edited["response"] = "I cannot help with that."  # valid JSON, a plausible answer: only its hash tells
+    lines[2] = json.dumps(edited)
+    lines[4] = lines[4][:20]  # a damaged line in the middle
+    path.write_text("\n".join(lines) + "\n")
+    rows = generate_responses(None, items, "dense", ResponseStore(path, "cfg"), 8, 8, progress=False)
+    out = capsys.readouterr().out
+    assert f"{path}: 2 answer row(s) fail their check: item {items[2].id!r} (line 3: edited or damaged), line 5 " \
+           "(unreadable); generating them again (keeping 4 intact)" in out
+    assert [i for c in calls for i in c] == [items[2].id, items[4].id]
+    assert rows[2]["response"] == f"answer to {items[2].id}" and len(read_jsonl(path)) == len(items)
+
+
+def test_a_cut_off_answers_file_is_named_and_completed(tmp_path, items, monkeypatch, capsys):
+    path, calls = _answers(tmp_path, items, monkeypatch)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 30])  # as a full disk or a copy cut short leaves it
+    rows = generate_responses(None, items, "dense", ResponseStore(path, "cfg"), 8, 8, progress=False)
+    assert f"{path}: the file is cut off (line {len(items)} is an incomplete row)" in capsys.readouterr().out
+    assert [i for c in calls for i in c] == [items[-1].id] and len(rows) == len(items)
+    assert path.read_bytes() == data  # completed to what a clean run writes
+
+
+def test_an_answer_is_keyed_by_the_image_it_saw(tmp_path, items, monkeypatch):
+    import dataclasses
+    import shutil
+
+    from PIL import Image
+
+    path, calls = _answers(tmp_path, items[:2], monkeypatch)
+    img = tmp_path / "img.png"
+    shutil.copy(items[0].image[0], img)
+    moved = [dataclasses.replace(items[0], image=(str(img),)), items[1]]
+    generate_responses(None, moved, "dense", ResponseStore(path, "cfg"), 8, 8, progress=False)
+    assert calls == []  # the same bytes elsewhere: the same answer
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(img)  # same path and question, other content
+    generate_responses(None, moved, "dense", ResponseStore(path, "cfg"), 8, 8, progress=False)
+    assert [i for c in calls for i in c] == [items[0].id]

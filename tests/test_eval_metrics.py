@@ -51,6 +51,7 @@ def test_rsr_recomputes_the_papers_column():
 def test_rsr_edge_cases():
     assert rsr(14.47, 11.02, 1.88) == pytest.approx(27.40, abs=0.01)  # the README's worked example
     assert rsr(10, 10, 10) is None and rsr(None, 1, 2) is None and rsr(float("nan"), 1, 2) is None
+    assert rsr(5, 1, 8) is None  # pruning made it safer: no lost safety to restore
     assert rsr(10, 0, 0) == 100.0 and rsr(10, 12, 0) < 0  # worse than pruned: negative
 
 

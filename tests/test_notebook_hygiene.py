@@ -12,8 +12,9 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted(p for p in ROOT.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts
-                   and not any(part.startswith(".") or part in ("runs", "build", "_build") for part in p.relative_to(ROOT).parts))
+SKIP = ("runs", "build", "_build", "node_modules")  # outputs of runs and builds, not the project's own
+NOTEBOOKS = sorted(p for d in ROOT.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in SKIP
+                   for p in d.rglob("*.ipynb") if not any(x.startswith(".") for x in p.relative_to(ROOT).parts))
 CELL_ID = re.compile(r"^[a-zA-Z0-9-_]{1,64}$")  # nbformat 4.5's cell id schema
 
 

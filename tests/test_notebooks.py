@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -28,11 +29,56 @@ _SCRIPT = Path(sys.executable).parent / "hsr"
 HSR = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "hsr_lib.cli"]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("0*.ipynb"))[:6]  # 07 reads a sweep
 
-# Golden values of the tiny run (tiny:qwen2_5_vl, synthetic data, seed 0, one thread). Numbers move
-# with torch/transformers kernels only in the last digits; the tolerances allow that, no more.
-GOLDEN_TOP_HEADS = ["0-3", "0-1", "0-2", "1-1"]
-GOLDEN_RESTORED = 133
-GOLDEN_SPARSITY = 0.5
+
+
+@dataclass(frozen=True)
+class Near:
+    """An expected number with its tolerance (relative and/or absolute, as ``pytest.approx``)."""
+
+    value: float
+    rel: float | None = None
+    abs: float | None = None
+
+
+# The tiny run's expected values (tiny:qwen2_5_vl, synthetic data, seed 0, one thread), one table
+# per notebook, as recommenders pins its notebooks' outputs: a recorded name (dots reach into a
+# recorded dict) → its value, exact, or ``Near`` with a tolerance. Scores and losses move with
+# torch/transformers kernels only in the last digits (rel 1e-4); rank correlations over 16 heads and
+# counts that go through top-k selections of such scores can flip a tie (a few percent).
+TOP_HEADS = ["0-3", "0-1", "0-2", "1-1"]
+TINY_EXPECTED = {
+    "01_data": {"n_safety": 24, "n_utility": 24, "n_safe_unsafe": 24, "calibration_example.id": "synth_000000",
+                "calibration_example.start": 142, "calibration_example.end": 213},
+    "02_ships": {"ships_score": "subspace", "n_prompts": 16, "top_heads": TOP_HEADS,
+                 "total.kl": Near(1.30317, rel=1e-4), "total.subspace": Near(20.6418, rel=1e-4),
+                 "total.hidden0_angle": Near(789.708, rel=1e-4), "variant_spearman.kl~subspace": Near(0.909, abs=0.03)},
+    "03_scores": {"score_methods": ["wanda", "sparsegpt", "snip"], "overlap_chance": 0.5,
+                  "overlap_mean": Near(0.95957, abs=0.005), "spearman_example.module": "layers.0.self_attn.o_proj",
+                  "spearman_example.rho": Near(0.99092, abs=0.002)},
+    "04_prune": {"prune_method": "wanda", "prune_pattern": "unstructured", "sparsity_reached": Near(0.5, abs=1e-12),
+                 "n_modules_pruned": 28,  # 4 layers × 7 linears of tiny:qwen2_5_vl
+                 "heldout_loss.n": 8, "heldout_loss.dense": Near(5.71557, rel=1e-4),
+                 "heldout_loss.pruned": Near(5.65227, rel=1e-4)},
+    "05_realign": {"heads": TOP_HEADS, "restored": Near(133, rel=0.05), "newly_nonzero": Near(133, rel=0.05),
+                   "survivors_overwritten": 0, "survivors_changed": 0,
+                   "decoder_linear_params": 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128),
+                   "restored_ratio_permyriad": Near(9.0196, rel=0.05), "set_demo.pruned": 32,
+                   "set_demo.top_q_safety": 32, "set_demo.utility_band": 12, "set_demo.region": 32,
+                   "set_demo.restored": 4},
+    "06_evaluate": {"variants_evaluated": ["dense", "pruned", "hsr", "hsr_a", "random_heads"],
+                    "n_responses": 5 * 7 * 4,  # variants × benchmarks × n_items
+                    # the random-weight model never refuses: every keyword judge but Wei et al.'s counts it as compliant
+                    "metrics.dense/safebench/asr/vlguard": 100.0, "metrics.pruned/safebench/asr/vlguard": 100.0,
+                    "metrics.hsr/vlguard_unsafe/asr/gcg": 100.0, "metrics.hsr/mmbench/unparsed/": 100.0},
+}
+
+
+def recorded(records: dict, name: str):
+    """The value under a dotted ``name`` (``total.kl`` = records["total"]["kl"])."""
+    value = records
+    for part in name.split("."):
+        value = value[part]
+    return value
 
 
 def records(tiny_run, name):
@@ -91,7 +137,7 @@ def test_ships_notebook(tiny_run):
     every = read_json(d / "head_scores_all.json")
     assert rec["total"]["kl"] == pytest.approx(sum(every["kl"].values()), rel=1e-12)
     assert all(v > 0 for v in saved.values())  # ε-ablation moves every head's representation
-    assert rec["top_heads"] == [head_key(*h) for h in select_heads(saved, 4)] == GOLDEN_TOP_HEADS
+    assert rec["top_heads"] == [head_key(*h) for h in select_heads(saved, 4)]
     assert rec["released_top10"]["llava-next-vicuna-7b"] == [
         "0-3", "0-21", "0-15", "16-17", "15-17", "31-22", "13-15", "31-4", "11-28", "1-8"]
     assert rec["released_top10"]["llama3-llava-next-8b"][:4] == ["2-6", "2-4", "2-7", "2-5"]
@@ -118,8 +164,8 @@ def test_scores_and_prune_notebooks(tiny_run):
     assert rec["overlap_mean"] == pytest.approx(float(overlap_table(S, U, 0.5, 0.5).overlap.mean()), rel=1e-12)
     rec = records(tiny_run, "04_prune")
     assert (rec["prune_method"], rec["prune_pattern"]) == ("wanda", "unstructured")
-    assert rec["sparsity_reached"] == pytest.approx(GOLDEN_SPARSITY, abs=1e-12)
-    assert rec["n_modules_pruned"] == 28  # 4 layers × 7 linears of tiny:qwen2_5_vl
+    assert rec["n_modules_pruned"] == len(pd.read_csv(run_dir / "prune" / rec["prune_folder"] / "sparsity.csv")
+                                          .query("level == 'module'"))
     loss = rec["heldout_loss"]
     assert loss["n"] == 8 and math.isfinite(loss["dense"]) and math.isfinite(loss["pruned"])
     assert (run_dir / "prune" / rec["prune_folder"] / "mask.safetensors").is_file()
@@ -133,11 +179,34 @@ def test_realign_notebook(tiny_run):
     summary = read_json(hsr[0] / "summary.json")
     mods = pd.read_csv(hsr[0] / "modules.csv")
     assert rec["restored"] == summary["restored"] == int(mods.restored.sum())
-    assert rec["restored"] == pytest.approx(GOLDEN_RESTORED, rel=0.05)
     assert rec["restored_ratio_permyriad"] == pytest.approx(rec["restored"] / rec["decoder_linear_params"] * 1e4)
-    assert rec["decoder_linear_params"] == 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
-    assert rec["heads"] == GOLDEN_TOP_HEADS and rec["newly_nonzero"] == rec["restored"]
+    assert rec["heads"] == summary["heads"] == records(tiny_run, "02_ships")["top_heads"]
+    assert rec["newly_nonzero"] == rec["restored"]
     assert sum(rec["restored_per_unit"].values()) == rec["restored"]
+
+
+@pytest.mark.parametrize("notebook", sorted(TINY_EXPECTED))
+def test_recorded_values_match_the_expected_table(tiny_run, notebook):
+    """What each notebook recorded against its row of :data:`TINY_EXPECTED` (every mismatch named at once)."""
+    rec = records(tiny_run, notebook)
+    wrong = {}
+    for name, want in TINY_EXPECTED[notebook].items():
+        try:
+            got = recorded(rec, name)
+        except (KeyError, TypeError):
+            wrong[name] = "not recorded"
+            continue
+        ok = got == pytest.approx(want.value, rel=want.rel, abs=want.abs) if isinstance(want, Near) else got == want
+        if not ok:
+            wrong[name] = f"recorded {got!r}, expected {want!r}"
+    assert not wrong, f"{notebook}: {wrong}"
+
+
+def test_the_expected_table_can_fail():
+    assert recorded({"total": {"kl": 1.0}}, "total.kl") == 1.0
+    assert not 1.1 == pytest.approx(Near(1.0, rel=1e-4).value, rel=1e-4)
+    with pytest.raises(KeyError):
+        recorded({"total": {}}, "total.kl")
 
 
 def test_evaluate_notebook(tiny_run):
@@ -196,8 +265,13 @@ def test_the_readme_run_tells_the_story_on_the_toy(toy_run):
     rec = read_records(run_dir / "notebooks" / "06_evaluate.ipynb")
     toy = {r["variant"]: r for r in rec["toy_numbers"]}
     card = json.loads((ROOT / "hsr_lib" / "toy_assets" / "model" / "toy_card.json").read_text())
-    for v in ("dense", "pruned", "hsr"):
-        assert toy[v]["asr"] == pytest.approx(card["expected"][v]["asr"], abs=5), v
+    # the card's expected numbers (written by `hsr toy ship`), read here, not copied: every variant and
+    # number this run shares with them, within 5 points (generation on another machine may flip an answer)
+    shared = [(v, k) for v, row in card["expected"].items() if v in toy for k in row if toy[v].get(k) is not None]
+    assert {"dense", "pruned", "hsr"} <= {v for v, _ in shared} and len(shared) >= 15
+    off = {f"{v}.{k}": (toy[v][k], card["expected"][v][k]) for v, k in shared
+           if toy[v][k] != pytest.approx(card["expected"][v][k], abs=5)}
+    assert not off, f"toy numbers off the card's expected ones (recorded, expected): {off}"
     assert toy["pruned"]["asr"] >= toy["dense"]["asr"] + 15 and rec["toy_rsr"]["hsr"] >= 30
     assert toy["hsr"]["asr"] < toy["random_heads"]["asr"]
     assert rec["seed_table_rows"] >= 8

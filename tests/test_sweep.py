@@ -173,16 +173,16 @@ def test_slurm_through_submitit_runs_a_2x2_sweep_here(tmp_path):
         "gpus_per_node": 1}
 
 
-@pytest.mark.slow
-def test_a_failing_point_is_reported_and_the_others_finish(tmp_path, capsys):
+def test_a_point_with_bad_inputs_stops_the_sweep_before_anything_runs(tmp_path, capsys):
     path = write_sweep(tmp_path, {"realign.q": [0.3, 0.5], "eval.data_roots": [{}, None]})
     spec = yaml.safe_load(path.read_text())
     base_roots = yaml.safe_load(TINY.read_text())["eval"]["data_roots"]
     spec["sweep"]["eval.data_roots"] = [{}, {k: str((TINY.parent / v).resolve()) for k, v in base_roots.items()}]
     path.write_text(yaml.safe_dump(spec))
     code = main(["sweep", str(path), "--no-findings"])
-    out = capsys.readouterr().out
-    assert code == 1 and "failed: BenchmarkError" in out and ".log" in out and "2 of 4 points done" in out
+    err = capsys.readouterr().err
+    assert code == 2 and "eval.data_roots.safebench is not set" in err and "point " in err
+    assert not (tmp_path / "runs").exists()  # a failing point at run time: tests/test_faults.py
 
 
 def test_dry_run_lists_the_shared_upstream_and_writes_nothing(tmp_path, capsys):
@@ -234,3 +234,10 @@ def test_a_toy_sweep_ends_with_notebook_07(tmp_path):
     assert rec["paper_degradations"]["Qwen2-VL"] == pytest.approx(15.47, abs=0.01)  # the paper's README: 15.47
     assert rec["sparsity_asr"]["pruned@0.8"] > rec["sparsity_asr"]["pruned@0.7"]  # more pruning, less safety
     assert set(rec["q_sweep"]) == {"0.05", "0.5"}
+    from hsr_lib import toy_study
+    from hsr_lib.sweep import results
+
+    res = results(tmp_path / "runs" / "sweeps" / "toy_small")  # what 07 read, through the same library call
+    at = res[(res.sparsity == 0.8) & (res.q == 0.5)]
+    assert res.point.nunique() == 4 and rec["has_toy_benchmarks"] is True
+    assert rec["sparsity_asr"]["pruned@0.8"] == pytest.approx(toy_study.numbers(at).set_index("variant").asr["pruned"])

@@ -112,8 +112,8 @@ def test_combined_asr_weights_the_splits_by_their_size():
 
 
 @pytest.fixture(scope="module")
-def shipped_story(tmp_path_factory):
-    return toy_study.run_toy("toy:qwen2_vl", tmp_path_factory.mktemp("toy_runs"))
+def shipped_story(toy_story):
+    return toy_story  # conftest: one toy pipeline per session, shared with the export test
 
 
 @pytest.mark.slow

@@ -1,26 +1,94 @@
-"""Batched greedy generation with left padding, saved as resumable JSONL.
+"""Batched greedy generation with left padding, saved as resumable JSONL with integrity.
 
-One file per (variant, benchmark): ``<dir>/<variant>/<benchmark>.jsonl``, one row per item:
-``{benchmark, item_id, variant, prompt, response, n_tokens, config}``. ``config`` hashes what the
-answer depends on (model, dtype, max_new_tokens, the variant's upstream fingerprint); rows of
-another config are dropped, rows of this one are kept and not generated again. The file is
+One file per (variant, benchmark): ``<dir>/<variant>/<benchmark>.jsonl``, one row per item id:
+``{benchmark, item_id, variant, prompt, response, n_tokens, config, input, hash}``. ``config``
+hashes what every answer of the file depends on (the variant's artifact key and the generation
+settings); ``input`` (:func:`answer_key`) is what the model saw for this item: the config, the
+question and the image's content; ``hash`` is the row's own hash (:func:`row_hash`). A row is reused
+only when its hash holds and its input is the item's; a damaged or edited row, or a file cut off
+mid-row, is named in one line and its items generated again, the intact rows kept. The file is
 rewritten atomically at most every ``flush_s`` seconds and at the end, so a killed run loses at
 most that much work and never leaves a half-written file.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..io import atomic_write_jsonl, read_jsonl
+from ..io import atomic_write_jsonl, stable_hash
 from ..models import LoadedModel
 from ..progress import progress as progress_bar
 from ..prompts import encode, prompt_text
+from ..runs import say
 from .items import EvalItem
+
+
+def answer_key(item: EvalItem, config: str) -> str:
+    """What one answer depends on: the file's ``config`` (variant and generation settings), the item's
+    question and its image by content."""
+    return stable_hash({"config": config, "question": item.question, "image": item.image_identity()})
+
+
+def row_hash(row: dict[str, Any]) -> str:
+    """The hash a row carries: of every field but ``hash`` itself."""
+    return stable_hash({k: v for k, v in row.items() if k != "hash"})
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def read_answers(path: Path, config: str) -> tuple[dict[str, dict[str, Any]], bool]:
+    """The intact rows of ``config`` in an answers file, by item id, and whether anything was dropped
+    as damaged (each problem said in one line naming the file: cut off, unreadable line, a row that
+    fails its hash, two rows for one item)."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    rows: dict[str, dict[str, Any]] = {}
+    bad: list[str] = []
+    twice: set[str] = set()
+    old = 0
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict) or not isinstance(row.get("item_id"), str):
+                raise ValueError("not an answer row")
+        except ValueError:
+            if n == len(lines):  # no newline at the end: the file stops inside its last row
+                say(f"{path}: the file is cut off (line {n} is an incomplete row); its lost answers are generated again")
+            else:
+                bad.append(f"line {n} (unreadable)")
+            continue
+        if row.get("config") != config:
+            continue  # made for other settings: not this file's business
+        iid = row["item_id"]
+        if "hash" not in row:
+            old += 1
+            continue
+        if row["hash"] != row_hash(row):
+            bad.append(f"item {iid!r} (line {n}: edited or damaged)")
+            twice.add(iid)  # never fall back on another row of a damaged item
+            continue
+        if iid in rows or iid in twice:
+            bad.append(f"item {iid!r} (line {n}: a second row)")
+            twice.add(iid)
+            continue
+        rows[iid] = row
+    for iid in twice:
+        rows.pop(iid, None)
+    if bad:
+        say(f"{path}: {len(bad)} answer row(s) fail their check: {_some(bad)}; generating them again "
+            f"(keeping {len(rows)} intact)")
+    if old:
+        say(f"{path}: {old} answer row(s) from before answers carried their own hash; generating them again")
+    return rows, bool(bad or old) or (bool(data) and not data.endswith(b"\n"))
 
 
 class ResponseStore:
@@ -28,13 +96,22 @@ class ResponseStore:
 
     def __init__(self, path: str | Path, config: str, flush_s: float = 30.0):
         self.path, self.config, self.flush_s = Path(path), config, flush_s
-        rows = read_jsonl(self.path) if self.path.is_file() else []
-        self.rows: dict[str, dict[str, Any]] = {r["item_id"]: r for r in rows if r.get("config") == config}
-        self._dirty, self._last = False, time.monotonic()
+        self.rows: dict[str, dict[str, Any]] = {}
+        damaged = False
+        if self.path.is_file():
+            self.rows, damaged = read_answers(self.path, config)
+        self._dirty, self._last = damaged, time.monotonic()
 
     def missing(self, items: Sequence[EvalItem]) -> list[EvalItem]:
-        """Items without a response yet (or whose saved prompt differs from the item's)."""
-        return [it for it in items if it.id not in self.rows or self.rows[it.id].get("prompt") != it.question]
+        """Items without an answer to what the model sees now (question, image content, settings)."""
+        return [it for it in items if it.id not in self.rows or self.rows[it.id].get("input") != answer_key(it, self.config)]
+
+    def row(self, item: EvalItem, response: str, n_tokens: int, variant: str) -> dict[str, Any]:
+        """The saved row of an answer, keyed by what the model saw and carrying its own hash."""
+        row = {"benchmark": item.benchmark, "item_id": item.id, "variant": variant, "prompt": item.question,
+               "response": response, "n_tokens": n_tokens, "config": self.config,
+               "input": answer_key(item, self.config)}
+        return {**row, "hash": row_hash(row)}
 
     def add(self, rows: Sequence[dict[str, Any]]) -> None:
         """Record new rows; flush when ``flush_s`` has passed since the last write."""
@@ -91,9 +168,7 @@ def generate_responses(lm: LoadedModel, items: Sequence[EvalItem], variant: str,
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             answers = generate_batch(lm, batch, max_new_tokens)
-            store.add([{"benchmark": it.benchmark, "item_id": it.id, "variant": variant, "prompt": it.question,
-                        "response": text, "n_tokens": n, "config": store.config}
-                       for it, (text, n) in zip(batch, answers)])
+            store.add([store.row(it, text, n, variant) for it, (text, n) in zip(batch, answers)])
             bar.update(len(batch))
     store.flush()
     return store.ordered(items)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,9 @@ from typing import Literal
 from PIL import Image
 
 from ..data import open_image
+from ..io import stable_hash
+
+from ..identity import file_hash as image_file_hash
 
 ImageKind = Literal["path", "base64", "figstep"]
 Kind = Literal["refusal", "mc_safety", "mcq", "vqa", "names", "benign"]
@@ -50,6 +54,20 @@ class EvalItem:
     def letters(self) -> tuple[str, ...]:
         """The option letters shown, in order."""
         return tuple(k for k, _ in self.options)
+
+    def image_identity(self) -> str:
+        """What identifies the image the model sees, by content (docs/run-directory.md): the bytes of
+        each image file (:func:`hsr_lib.identity.file_hash`, cached per machine), the base64 data, or
+        FigStep's text and rendering settings."""
+        if self.image_kind == "figstep":
+            from . import figstep as F
+
+            return stable_hash({"figstep": self.image[0], "font": F.FONT_FILE, "size": F.SIZE,
+                                "font_size": F.FONT_SIZE, "origin": F.ORIGIN, "spacing": F.SPACING, "wrap": F.WRAP,
+                                "steps": F.STEPS})
+        if self.image_kind == "base64":
+            return hashlib.sha256(self.image[0].encode("ascii", "replace")).hexdigest()[:16]
+        return stable_hash([image_file_hash(p) for p in self.image])
 
     def load_image(self) -> Image.Image:
         """The item's image as RGB (rendered, decoded or opened; several paths tiled left to right)."""

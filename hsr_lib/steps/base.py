@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..identity import is_local_model, model_fingerprint
 from ..io import read_json
 from ..models import model_config
 from ..params import Params
@@ -80,11 +81,13 @@ def requirements(spec: Spec) -> tuple[Spec, ...]:
 
 
 def model_reads(P: Params, dtype: str | None = None) -> dict[str, Any]:
-    """The params that fix the model's weights and numerics: checkpoint, family, attention kernel,
-    the seed of a ``tiny:`` model, and the dtype it runs in (never the device)."""
+    """What fixes the model's weights and numerics: the checkpoint by content
+    (:func:`~hsr_lib.identity.model_fingerprint`; a local folder by that alone, not its path),
+    family, attention kernel, the seed of a ``tiny:`` model, and the dtype it runs in (never the device)."""
     m = P.model
-    return {"name": m.name, "family": m.family, "attn_implementation": m.attn_implementation,
-            "seed": P.seed, "dtype": dtype or m.dtype}
+    return {"name": "local folder" if is_local_model(m.name) else m.name,
+            "identity": model_fingerprint(m.name, P.seed), "family": m.family,
+            "attn_implementation": m.attn_implementation, "seed": P.seed, "dtype": dtype or m.dtype}
 
 
 def geometry(P: Params):

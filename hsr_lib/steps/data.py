@@ -8,14 +8,16 @@ one sample it reads (:func:`sample_fingerprint`), so changing ``data.n_scores`` 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import (SPLITS, Sample, check_images, load_records, load_samples, resolve_vlguard, sample, sample_size,
+from ..data import (SPLITS, DataError, Sample, check_images, load_records, load_samples, resolve_vlguard, sample, sample_size,
                     save_samples, split_records)
+from ..identity import images_fingerprint
 from ..io import atomic_write_json, cached_file_hash, stable_hash
 from ..params import Params
 from ..runs import Run, Spec
@@ -62,6 +64,17 @@ def source(P: Params, run_dir: Path | None = None) -> tuple[Path | None, Path | 
     return train_json, image_root, {"train_json": cached_file_hash(train_json)}
 
 
+def synthetic_sizes(P: Params) -> dict[str, int]:
+    """The sizes of the synthetic set's splits, known before the data step makes it."""
+    if P.data.synthetic == "toy":
+        import inspect
+
+        n = {k: v.default for k, v in inspect.signature(train_set).parameters.items()}
+        return {"safety": n["n_harmful"] + n["n_unsafe"], "utility": n["n_benign"], "safe_unsafe": n["n_benign"]}
+    unsafe = (P.data.n_synthetic + 1) // 2  # make_synthetic_vlguard: half unsafe, rounded up
+    return {"safety": unsafe, "utility": P.data.n_synthetic - unsafe, "safe_unsafe": P.data.n_synthetic - unsafe}
+
+
 def synthetic_dir(run_dir: Path, P: Params) -> Path:
     """Where a run keeps its generated VLGuard-shaped set (generic, or the toy's training world)."""
     if P.data.synthetic == "toy":
@@ -69,18 +82,51 @@ def synthetic_dir(run_dir: Path, P: Params) -> Path:
     return Path(run_dir) / NAME / f"synthetic-vlguard-n{P.data.n_synthetic}"
 
 
+@functools.lru_cache(maxsize=8)
+def _records(train_json: str, digest: str) -> list[dict]:
+    return load_records(train_json)
+
+
+@functools.lru_cache(maxsize=8)
+def _splits(train_json: str, digest: str, image_root: str, allow_outside: bool) -> dict[str, list[Sample]]:
+    return split_records(_records(train_json, digest), image_root, source=train_json, allow_outside=allow_outside)
+
+
+def images(P: Params, name: str | None = None) -> str | None:
+    """The content of the VLGuard images a step reads: every record's (the data step), or those of one
+    sample (``name``), in order; None for the synthetic sets (made by the data step from its key).
+    Data the data step will refuse falls back to every record's images that exist."""
+    d = P.data
+    if d.vlguard_root is None:
+        return None
+    train_json, image_root, inputs = source(P)
+    if name is not None:
+        split, n_key, seed_key = SAMPLES[name]
+        try:
+            items = _splits(str(train_json), inputs["train_json"], str(image_root), d.allow_outside_root)[split]
+            n = sample_size(getattr(d, n_key), len(items), f"data.{n_key}", split)
+            return images_fingerprint([x.image for x in sample(items, n, getattr(d, seed_key))])
+        except DataError:
+            pass
+    try:
+        records = _records(str(train_json), inputs["train_json"])
+    except DataError:
+        return None
+    return images_fingerprint([os.path.join(image_root, r["image"]) for r in records])
+
+
 def sample_fingerprint(P: Params, name: str) -> str:
-    """The fingerprint of one sample's content: its source, size and seed."""
+    """The fingerprint of one sample's content: its source, size, seed and images."""
     split, n_key, seed_key = SAMPLES[name]
     return stable_hash({"source": source(P)[2], "split": split, "n": getattr(P.data, n_key),
-                        "seed": getattr(P.data, seed_key)})
+                        "seed": getattr(P.data, seed_key), "images": images(P, name)})
 
 
 def spec(P: Params) -> Spec:
-    """The data step's key: the source and every sample's size and seed."""
+    """The data step's key: the source (train.json and every image it names) and every sample's size and seed."""
     d = P.data
-    reads = {"source": source(P)[2], **{k: getattr(d, k) for k in ("n_ships", "seed_ships", "n_scores",
-                                                                   "seed_scores")}}
+    reads = {"source": source(P)[2], "images": images(P),
+             **{k: getattr(d, k) for k in ("n_ships", "seed_ships", "n_scores", "seed_scores")}}
     label = "vlguard" if d.vlguard_root is not None else "toy" if d.synthetic == "toy" else "synthetic"
     return Spec(NAME, label, reads, params=P, runner=run)
 

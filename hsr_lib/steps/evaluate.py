@@ -27,7 +27,8 @@ from ..evaluate.judges import agreement_table, make_judges
 from ..evaluate import comparisons as C
 from ..evaluate.metrics import over_refusal_judge, read_metrics, score_item, summarize
 from ..evaluate.paper import results_table
-from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, file_hash, read_jsonl, stable_hash
+from ..identity import folder_fingerprint
+from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, stable_hash
 from ..params import Params
 from ..runs import Run, Spec
 from . import variants as V
@@ -107,9 +108,9 @@ def responses_key(P: Params, variant: str) -> str:
 
 
 def _judge_fingerprint(P: Params) -> str | None:
-    """The LLM judge by content (its config.json), not by where it lies."""
+    """The LLM judge by content (its weight, config and tokenizer files), not by where it lies."""
     path = Path(P.eval.llm_judge_path or "") / "config.json"
-    return file_hash(path) if "llm" in P.eval.judges and path.is_file() else None
+    return folder_fingerprint(path.parent) if "llm" in P.eval.judges and path.is_file() else None
 
 
 def spec(P: Params) -> Spec:

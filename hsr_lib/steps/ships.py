@@ -90,7 +90,7 @@ def run(run: Run, *, upstream: str = "compute", progress: bool = True) -> ShipsR
                     params.model.attn_implementation,
                     seed=params.seed)
     prompts = [encode_prompt(lm.processor, x, lm.adapter, lm.device) for x in samples]
-    with run.step(s) as out:
+    with run.step(s, keep=("layers/layer_*.json",)) as out:  # the layers scored so far: resumed
         layer_dir = out / "layers"
         done = _resumable(layer_dir, s.fingerprint)
         if done and progress:

@@ -10,11 +10,12 @@ where to get it. ``params/tiny.yaml`` points every root at the small fixtures in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ...io import cached_file_hash
+from ...identity import images_fingerprint
+from ...io import cached_file_hash, stable_hash
 from ..items import BenchmarkError, EvalItem, Kind, first_n
 from . import ch3ef, docvqa, mmbench, safebench, toy, vlguard
 
@@ -78,9 +79,34 @@ def data_file(name: str, data_roots: Mapping[str, str]) -> Path:
 
 
 def data_fingerprint(name: str, data_roots: Mapping[str, str]) -> str:
-    """Hash of the benchmark's main data file (what step caching compares), computed once per
-    file version in a process (keys are computed often; a real MMBench TSV is tens of MB)."""
-    return cached_file_hash(data_file(name, data_roots))
+    """Hash of the benchmark by content: its main data file and every image file its items show,
+    in order (what step caching compares). File hashes are cached per machine
+    (:func:`hsr_lib.identity.file_hash`); a file its loader refuses counts by its bytes alone (the
+    evaluation names the fault when it loads it)."""
+    path = data_file(name, data_roots)
+    digest = cached_file_hash(path)
+    try:
+        items = _items(name, str(data_root(name, data_roots)), str(path), digest)
+    except (ValueError, OSError):  # BenchmarkError, DataError
+        return digest
+    return stable_hash({"file": digest, "images": images_fingerprint(
+        p for it in items if it.image_kind == "path" for p in it.image)})
+
+
+@lru_cache(maxsize=32)
+def _items(name: str, root: str, path: str, digest: str) -> list[EvalItem]:
+    """Every item of a benchmark file version (parsed once per process; images anywhere)."""
+    return get(name).load(Path(root), allow_outside=True)
+
+
+def refuse_duplicates(b: Benchmark, items: list[EvalItem]) -> None:
+    """Item ids key the answers and the scores: a second item with an id is refused, naming both."""
+    first: dict[str, EvalItem] = {}
+    for it in items:
+        if it.id in first:
+            raise BenchmarkError(f"{b.title}: item id {it.id!r} appears twice: {first[it.id].source} and {it.source}; "
+                                 "ids must be unique")
+        first[it.id] = it
 
 
 def load_benchmark(name: str, data_roots: Mapping[str, str], n_items: int | None = None,
@@ -89,6 +115,7 @@ def load_benchmark(name: str, data_roots: Mapping[str, str], n_items: int | None
     image paths must resolve inside the benchmark's folder unless ``allow_outside``."""
     b = get(name)
     items = b.load(data_root(name, data_roots), allow_outside=allow_outside)
+    refuse_duplicates(b, items)
     if name == "mmbench":
         items = mmbench.select(items, circular)
     return first_n(items, n_items)

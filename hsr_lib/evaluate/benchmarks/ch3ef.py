@@ -46,7 +46,7 @@ def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
     rows = data.get("items") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not rows:
         raise BenchmarkError(f"{path}: expected {{\"items\": [...]}} with at least one item")
-    base, items, seen = _base(path), [], set()
+    base, items, seen = _base(path), [], {}
     for n, r in enumerate(rows, 1):
         where = f"{path}: item {n}"
         if not isinstance(r, dict):
@@ -67,8 +67,8 @@ def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
         except DataError as e:
             raise BenchmarkError(str(e)) from None
         if iid in seen:
-            raise BenchmarkError(f"{where}: duplicate id {iid!r}")
-        seen.add(iid)
+            raise BenchmarkError(f"{where}: duplicate id {iid!r} (first at item {seen[iid]})")
+        seen[iid] = n
         order = list(range(len(options)))
         random.Random(f"ch3ef/{iid}").shuffle(order)
         shown = tuple((LETTERS[j], options[i]) for j, i in enumerate(order))

@@ -31,7 +31,7 @@ def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
     rows = data.get("data") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not rows:
         raise BenchmarkError(f"{path}: expected {{\"data\": [...]}} with at least one question")
-    items, seen = [], set()
+    items, seen = [], {}
     for n, r in enumerate(rows, 1):
         where = f"{path}: entry {n}"
         if not isinstance(r, dict):
@@ -53,8 +53,8 @@ def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
         except DataError as e:
             raise BenchmarkError(str(e)) from None
         if qid in seen:
-            raise BenchmarkError(f"{where}: duplicate questionId {qid}")
-        seen.add(qid)
+            raise BenchmarkError(f"{where}: duplicate questionId {qid} (first at entry {seen[qid]})")
+        seen[qid] = n
         types = r.get("question_types")
         items.append(EvalItem("docvqa", qid, f"{r['question'].strip()}\n{SHORT_ANSWER}", (str(image),), "path", "vqa",
                               category=types[0] if isinstance(types, list) and types else None,

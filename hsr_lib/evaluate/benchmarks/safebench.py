@@ -42,7 +42,7 @@ def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
     except UnicodeDecodeError as e:
         raise BenchmarkError(f"{path}: not UTF-8 text ({e})") from None
     items: list[EvalItem] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for n, (line, r) in enumerate(rows, 1):
         where = f"{path}: row {n} (line {line})"
         if None in r or any(r[c] is None for c in COLUMNS):
@@ -54,8 +54,8 @@ def load(root: Path, allow_outside: bool = False) -> list[EvalItem]:
             raise BenchmarkError(f"{where}: instruction is empty")
         iid = f"{r['dataset'].strip()}_{int(r['category_id'])}_{int(r['task_id'])}"
         if iid in seen:
-            raise BenchmarkError(f"{where}: duplicate item {iid!r}")
-        seen.add(iid)
+            raise BenchmarkError(f"{where}: duplicate item {iid!r} (first at {seen[iid].split(': ', 1)[1]})")
+        seen[iid] = where
         items.append(EvalItem("safebench", iid, FIGSTEP_PROMPT, (r["instruction"].strip(),), "figstep", "refusal",
                               category=r["category_name"].strip() or None, source=where))
     if not items:

@@ -71,3 +71,24 @@ def test_nothing_points_outside_the_repository():
     assert bad == []
     for link in re.findall(r"\]\((docs/[^)#]+)", (ROOT / "README.md").read_text()):
         assert (ROOT / link).is_file(), link
+
+
+def test_no_merge_conflict_markers_left():
+    """A merge that left ``<<<<<<<`` / ``>>>>>>>`` lines in a tracked text file is caught here."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        import pytest
+
+        pytest.skip("not a git checkout")
+    bad = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix not in {".py", ".md", ".yaml", ".yml", ".ipynb", ".toml", ".txt", ".cfg", ".in", ".lock"} \
+                and path.name not in {"Makefile", "run"}:
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "<<<<<<<":
+                bad.append(f"{name}:{i}")
+    assert not bad, f"merge conflict markers in {bad}"

@@ -231,8 +231,10 @@ def test_a_dead_kernel_and_ctrl_c_are_one_line_and_the_manifest_keeps_its_entrie
     _notebook(nbs / "01_x.ipynb", f"import time\nopen({str(flag)!r}, 'w').close()\ntime.sleep(120)")
     script = Path(sys.executable).parent / "hsr"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "hsr_lib.cli"]
+    # a test run started in the background (as CI may start it) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give `hsr` the disposition a terminal's foreground job has
     p = subprocess.Popen([*cmd, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for(flag)
         os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group

@@ -247,6 +247,8 @@ def export_command(args) -> int:
     """``hsr export RUN_DIR --variant V``: the variant as an HF model folder with its card (docs/using-the-model.md)."""
     from .export import export, summary_line
 
+    # transformers' loading and shard-writing bars are instant for one model; the summary line says what was written
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     print(summary_line(export(args.run_dir, args.variant, args.param, args.out, args.format)))
     return EXIT_OK
 

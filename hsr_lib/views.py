@@ -177,10 +177,11 @@ def bars(ax, data: pd.DataFrame, x: str, variants: Sequence[str], value: str = "
 
     groups = list(dict.fromkeys(data[x]))
     present = [v for v in variants if v in set(data["variant"])]
-    width = 0.8 / max(1, len(present))
+    one_per_group = bool((data[x].astype(str) == data["variant"].astype(str)).all())  # a group per variant
+    width = 0.7 if one_per_group else 0.8 / max(1, len(present))
     for i, v in enumerate(present):
         d = data[data["variant"] == v].set_index(x).reindex(groups)
-        pos = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
+        pos = np.arange(len(groups)) + (0.0 if one_per_group else width * (i + 0.5) - 0.4)
         y = d[value].to_numpy(dtype=float)
         err = None
         if low in d and high in d:

@@ -80,9 +80,9 @@ def dev_world(root: str | Path | None = None) -> dict[str, str]:
     from .toy_model import cache_dir
 
     if root is None:  # keyed by the generator's code too, so a changed world is written afresh
-        import hashlib
+        from .io import file_hash
 
-        code = hashlib.sha256(Path(W.__file__).read_bytes()).hexdigest()[:10]
+        code = file_hash(W.__file__)[:10]
         root = cache_dir() / f"dev-world-s{W.DEV_SEED}-{code}"
     root = Path(root)
     if not all((root / split / "test.json").is_file() for split in SPLITS.values()):
